@@ -1,0 +1,72 @@
+"""Which exercises each chapter has, the names they define, their checks and their points.
+
+This is the one place the syllabus, ``course check`` and grading read exercises from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from . import ch01
+from .verdict import CheckResult
+
+__all__ = ["Exercise", "CHAPTERS", "get_exercise", "check", "run_checks"]
+
+
+@dataclass(frozen=True)
+class Exercise:
+    """One exercise: the functions the student defines and the check that verifies them."""
+
+    id: str  # "1.2"
+    title: str
+    names: tuple[str, ...]  # functions the student's notebook must define, in check order
+    check: Callable[..., CheckResult]
+    points: float = 1.0
+
+
+CHAPTERS: dict[str, tuple[Exercise, ...]] = {
+    "01_forward_sdes": (
+        Exercise("1.1", "VP drift and diffusion", ("vp_drift", "vp_diffusion"),
+                 ch01.check_vp_drift_diffusion),
+        Exercise("1.2", "one Euler-Maruyama step", ("euler_maruyama_step",),
+                 ch01.check_euler_maruyama_step),
+        Exercise("1.3", "VP marginal mean and std", ("vp_marginal",), ch01.check_vp_marginal),
+    ),
+}
+
+
+def get_exercise(exercise_id: str) -> Exercise:
+    """Look an exercise up by its id, e.g. ``"1.2"``."""
+    for exercises in CHAPTERS.values():
+        for ex in exercises:
+            if ex.id == exercise_id:
+                return ex
+    known = ", ".join(ex.id for exs in CHAPTERS.values() for ex in exs)
+    raise ValueError(f"unknown exercise {exercise_id!r}; known exercises: {known}")
+
+
+def check(exercise_id: str, *functions: Callable, seed: int | None = None) -> CheckResult:
+    """Check the student's functions for one exercise, e.g. ``check("1.1", vp_drift, vp_diffusion)``."""
+    ex = get_exercise(exercise_id)
+    if len(functions) != len(ex.names):
+        raise ValueError(f"exercise {ex.id} checks {len(ex.names)} function(s) "
+                         f"({', '.join(ex.names)}); got {len(functions)}")
+    return ex.check(*functions, seed=seed)
+
+
+def run_checks(chapter: str, namespace: Mapping[str, object], *, seed: int | None = None
+               ) -> list[CheckResult]:
+    """Run every check of ``chapter`` on the functions found by name in ``namespace``."""
+    if chapter not in CHAPTERS:
+        raise ValueError(f"unknown chapter {chapter!r}; expected one of {', '.join(CHAPTERS)}")
+    results = []
+    for ex in CHAPTERS[chapter]:
+        missing = [n for n in ex.names if not callable(namespace.get(n))]
+        if missing:
+            results.append(CheckResult(ex.id, ex.title, "error",
+                                       f"no function named {', '.join(missing)} was defined: "
+                                       "run its cell and keep the name the exercise gives"))
+            continue
+        results.append(ex.check(*(namespace[n] for n in ex.names), seed=seed))
+    return results

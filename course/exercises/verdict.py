@@ -1,0 +1,141 @@
+"""Verdicts for exercise checks: compare a student's output with the reference and say, in one
+line, what is wrong, where (which t, which shape) and by how much.
+
+A check calls the student's function on fresh random inputs, compares with the reference via
+:func:`compare`, and turns the first problem into a failed :class:`CheckResult`. Known
+mistakes (a flipped sign, variance for std, a missing sqrt(dt)) are recognised by name.
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["CheckResult", "Mismatch", "compare", "call_student", "run_check", "describe_where"]
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """The outcome of one exercise check."""
+
+    exercise: str  # "1.2"
+    title: str
+    status: str  # "passed", "failed", "not attempted", "error"
+    message: str
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "passed"
+
+    def __str__(self) -> str:
+        mark = "\u2713" if self.passed else "\u2717"
+        return f"{mark} Exercise {self.exercise} ({self.title}): {self.message}"
+
+    __repr__ = __str__
+
+    def _repr_pretty_(self, p, cycle):  # IPython display
+        p.text(str(self))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Mismatch(Exception):
+    """Raised inside a check with the one-line, student-facing explanation."""
+
+
+class _StudentError(Exception):
+    def __init__(self, name: str, exc: BaseException, where: str):
+        self.name, self.exc, self.where = name, exc, where
+
+
+def describe_where(t=None, shape=None) -> str:
+    """"at t=0.50 for input shape (16, 2)" (either part optional)."""
+    parts = []
+    if t is not None:
+        parts.append(f"at t={t:.2f}" if isinstance(t, float) else f"at {t}")
+    if shape is not None:
+        parts.append(f"for input shape {tuple(shape)}")
+    return " ".join(parts)
+
+
+def call_student(fn: Callable, name: str, *args, where: str = "", **kwargs):
+    """Call the student's ``fn``; an exception becomes a verdict instead of a traceback flood."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - any student error becomes a verdict
+        raise _StudentError(name, exc, where) from None
+
+
+def _close(a: Tensor, b: Tensor, rtol: float, atol: float) -> bool:
+    return a.shape == b.shape and bool(torch.allclose(a, b, rtol=rtol, atol=atol))
+
+
+def compare(
+    name: str,
+    got,
+    expected: Tensor,
+    *,
+    where: str,
+    mistakes: Mapping[str, Tensor] | None = None,
+    rtol: float = 1e-4,
+    atol: float = 1e-6,
+) -> None:
+    """Raise :class:`Mismatch` with a specific message unless ``got`` matches ``expected``.
+
+    ``mistakes`` maps a hint ("the drift has the wrong sign") to what that mistake would return;
+    when ``got`` matches one, the hint is the verdict.
+    """
+    shape = tuple(expected.shape)
+    if not isinstance(got, Tensor):
+        raise Mismatch(f"{name} returned {type(got).__name__} {where}; expected a torch.Tensor "
+                       f"of shape {shape}")
+    if tuple(got.shape) != shape:
+        raise Mismatch(f"{name} returned shape {tuple(got.shape)} {where}; expected {shape}")
+    got = got.detach().to(expected.dtype)
+    if not torch.isfinite(got).all():
+        raise Mismatch(f"{name} returned NaN or inf values {where}")
+    if _close(got, expected, rtol, atol):
+        return
+    err = (got - expected).abs()
+    size = f"max |error| {err.max().item():.3g} (expected values up to {expected.abs().max().item():.3g})"
+    for hint, wrong in (mistakes or {}).items():
+        if _close(got, wrong.to(expected.dtype), rtol, atol):
+            raise Mismatch(f"{name} {where}: {hint}; {size}")
+    if _close(got, -expected, rtol, atol):
+        raise Mismatch(f"{name} {where} has the wrong sign; {size}")
+    if _close(got, expected**2, rtol, atol) and not _close(expected, expected**2, rtol, atol):
+        raise Mismatch(f"{name} {where} looks squared (a variance where a standard deviation "
+                       f"was meant?); {size}")
+    mask = expected.abs() > 1e-8
+    if mask.any():
+        ratio = got[mask] / expected[mask]
+        if torch.allclose(ratio, ratio.mean().expand_as(ratio), rtol=1e-3, atol=1e-6):
+            raise Mismatch(f"{name} {where} is off by a constant factor {ratio.mean().item():.4g}; {size}")
+    raise Mismatch(f"{name} {where}: {size}")
+
+
+def run_check(exercise: str, title: str, body: Callable[[], str]) -> CheckResult:
+    """Run ``body`` (which returns the pass message or raises) and turn it into a verdict."""
+    try:
+        message = body()
+    except Mismatch as m:
+        return CheckResult(exercise, title, "failed", str(m))
+    except _StudentError as e:
+        if isinstance(e.exc, NotImplementedError):
+            return CheckResult(exercise, title, "not attempted",
+                               f"{e.name} still raises NotImplementedError: replace the "
+                               f"`raise NotImplementedError(...)` line with your code")
+        frame = traceback.extract_tb(e.exc.__traceback__)[-1] if e.exc.__traceback__ else None
+        line = f" (line: `{frame.line}`)" if frame is not None and frame.line else ""
+        hint = ""
+        if isinstance(e.exc, RuntimeError) and "must match the size of tensor" in str(e.exc):
+            hint = ("; a per-sample quantity of shape (B,) must be reshaped with "
+                    "expand_like(value, x) before it multiplies x")
+        return CheckResult(exercise, title, "error",
+                           f"{e.name} raised {type(e.exc).__name__}: {e.exc} {e.where}{line}{hint}")
+    return CheckResult(exercise, title, "passed", message)

@@ -1,0 +1,142 @@
+"""Figures for the notebooks. Every function takes what it draws as arguments (no notebook
+globals) and draws on the axes it is given, so it can be tested headless."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from torch import Tensor
+
+from .paths import GaussianPath
+from .simulate import Trajectory
+from .toy_data import GaussianMixture
+
+__all__ = [
+    "density_grid",
+    "plot_samples",
+    "plot_density",
+    "perturbed_view_limit",
+    "plot_perturbed_density",
+    "plot_perturbed_grid",
+    "plot_trajectories_1d",
+    "plot_trajectories_2d",
+    "plot_schedules",
+]
+
+
+def density_grid(log_prob: Callable[[Tensor], Tensor], lim: float, n_grid: int = 150
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Evaluate exp(log_prob) on an ``n_grid x n_grid`` grid over [-lim, lim]^2 (float64).
+
+    Returns ``(xs, ys, density)`` with ``density[i, j]`` at ``(xs[j], ys[i])``.
+    """
+    if lim <= 0 or n_grid < 2:
+        raise ValueError(f"expected lim > 0 and n_grid >= 2; got lim={lim}, n_grid={n_grid}")
+    axis = torch.linspace(-lim, lim, n_grid, dtype=torch.float64)
+    yy, xx = torch.meshgrid(axis, axis, indexing="ij")
+    pts = torch.stack([xx.flatten(), yy.flatten()], dim=1)  # (n_grid^2, 2)
+    with torch.no_grad():
+        dens = log_prob(pts).exp().reshape(n_grid, n_grid)
+    return axis.numpy(), axis.numpy(), dens.numpy()
+
+
+def plot_samples(ax, x: Tensor, *, lim: float | None = 3.5, title: str | None = None,
+                 s: float = 1.0, alpha: float = 0.4, color: str = "C0") -> None:
+    """Scatter 2-D samples ``x`` of shape ``(n, 2)``."""
+    x = x.detach().cpu().numpy()
+    ax.scatter(x[:, 0], x[:, 1], s=s, alpha=alpha, color=color, linewidths=0)
+    _square(ax, lim, title)
+
+
+def plot_density(ax, log_prob: Callable[[Tensor], Tensor], *, lim: float = 3.5,
+                 n_grid: int = 150, title: str | None = None, cmap: str = "Blues") -> None:
+    """Draw exp(log_prob) as an image over [-lim, lim]^2."""
+    xs, ys, dens = density_grid(log_prob, lim, n_grid)
+    ax.imshow(dens, extent=(xs[0], xs[-1], ys[0], ys[-1]), origin="lower", cmap=cmap,
+              aspect="equal")
+    _square(ax, lim, title)
+
+
+def perturbed_view_limit(path: GaussianPath, t: float, data_radius: float = 2.0) -> float:
+    """A plot half-width that shows the bulk of p_t: the data scaled by alpha plus 3 sigma."""
+    tt = torch.tensor(t, dtype=torch.float64)
+    return float(max(3.2, path.alpha(tt) * data_radius + 3.0 * path.sigma(tt)))
+
+
+def plot_perturbed_density(ax, data: GaussianMixture, path: GaussianPath, t: float, *,
+                           samples: Tensor | None = None, lim: float | None = None,
+                           n_grid: int = 150) -> None:
+    """The closed-form density of p_t (image), optionally with samples x_t overlaid."""
+    lim = perturbed_view_limit(path, t) if lim is None else lim
+    plot_density(ax, lambda x: data.perturbed_log_prob(x, t, path), lim=lim, n_grid=n_grid,
+                 title=f"t = {t:g}")
+    if samples is not None:
+        plot_samples(ax, samples, lim=lim, s=0.5, alpha=0.3, color="C3")
+
+
+def plot_perturbed_grid(data: GaussianMixture, paths: dict[str, GaussianPath],
+                        ts: Sequence[float], *, samples: dict[str, Trajectory] | None = None,
+                        n_grid: int = 120, panel: float = 2.2):
+    """Rows: one per path; columns: one per t. Closed-form p_t with simulated x_t on top.
+
+    The slides' "perturbed distributions" figure, for several SDEs side by side.
+    """
+    fig, axes = plt.subplots(len(paths), len(ts), figsize=(panel * len(ts), panel * len(paths)),
+                             squeeze=False)
+    for row, (name, path) in enumerate(paths.items()):
+        for col, t in enumerate(ts):
+            ax = axes[row, col]
+            x_t = samples[name].at(t) if samples is not None else None
+            plot_perturbed_density(ax, data, path, t, samples=x_t, n_grid=n_grid)
+            if col == 0:
+                ax.set_ylabel(name)
+    fig.tight_layout()
+    return fig
+
+
+def plot_trajectories_1d(ax, traj: Trajectory, *, dim: int = 0, n: int = 20,
+                         title: str | None = None) -> None:
+    """Coordinate ``dim`` of ``n`` particles against t."""
+    xs = traj.xs[:, :n, dim].cpu().numpy()  # (K, n)
+    ax.plot(traj.ts.numpy(), xs, lw=0.7, alpha=0.8)
+    ax.set_xlabel("t")
+    ax.set_ylabel(f"x[{dim}]")
+    if title:
+        ax.set_title(title)
+
+
+def plot_trajectories_2d(ax, traj: Trajectory, *, n: int = 20, lim: float | None = 3.5,
+                         title: str | None = None) -> None:
+    """Paths of ``n`` particles in the plane: start (circle) to end (cross)."""
+    xs = traj.xs[:, :n].cpu().numpy()  # (K, n, 2)
+    for i in range(xs.shape[1]):
+        ax.plot(xs[:, i, 0], xs[:, i, 1], lw=0.6, alpha=0.7)
+    ax.scatter(xs[0, :, 0], xs[0, :, 1], s=12, marker="o", color="k", zorder=3)
+    ax.scatter(xs[-1, :, 0], xs[-1, :, 1], s=12, marker="x", color="C3", zorder=3)
+    _square(ax, lim, title)
+
+
+def plot_schedules(ax_alpha, ax_sigma, paths: dict[str, GaussianPath], n: int = 200) -> None:
+    """alpha(t) and sigma(t) of each path against t."""
+    t = torch.linspace(0, 1, n, dtype=torch.float64)
+    for name, path in paths.items():
+        ax_alpha.plot(t, path.alpha(t), label=name)
+        ax_sigma.plot(t, path.sigma(t), label=name)
+    ax_alpha.set(xlabel="t", ylabel="alpha(t)", title="signal scale alpha(t)")
+    ax_sigma.set(xlabel="t", ylabel="sigma(t)", title="std of x_t given x_0", yscale="log")
+    ax_alpha.legend()
+    ax_sigma.legend()
+
+
+def _square(ax, lim: float | None, title: str | None) -> None:
+    if lim is not None:
+        ax.set_xlim(-lim, lim)
+        ax.set_ylim(-lim, lim)
+    ax.set_aspect("equal")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=9)
