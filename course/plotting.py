@@ -61,9 +61,9 @@ def plot_density(ax, log_prob: Callable[[Tensor], Tensor], *, lim: float = 3.5,
 
 
 def perturbed_view_limit(path: GaussianPath, t: float, data_radius: float = 2.0) -> float:
-    """A plot half-width that shows the bulk of p_t: the data scaled by alpha plus 3 sigma."""
+    """A plot half-width that holds all but ~1e-4 of p_t: the data scaled by alpha plus 4 sigma."""
     tt = torch.tensor(t, dtype=torch.float64)
-    return float(max(3.2, path.alpha(tt) * data_radius + 3.0 * path.sigma(tt)))
+    return float(max(3.2, path.alpha(tt) * data_radius + 4.0 * path.sigma(tt)))
 
 
 def plot_perturbed_density(ax, data: GaussianMixture, path: GaussianPath, t: float, *,

@@ -16,3 +16,5 @@ def gen():
 
 # The two shapes every rank-agnostic function is tested on: 2-D points and images.
 SHAPES = [(64, 2), (8, 1, 6, 6)]
+
+os.environ.setdefault("MPLBACKEND", "Agg")
