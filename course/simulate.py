@@ -135,7 +135,7 @@ def compare_with_marginal(sde: SDE, x0: Tensor, traj: Trajectory, *, n_se: float
                           ) -> list[MarginalCheck]:
     """Compare simulated states with the closed-form x_t | x_0 at every saved t > 0."""
     rows = []
-    for t, x_t in zip(traj.ts.tolist(), traj.xs):
+    for t, x_t in zip(traj.ts.tolist(), traj.xs, strict=True):
         if t == 0.0:
             continue
         mean, std = sde.marginal(x0.double(), t)

@@ -1,8 +1,9 @@
 """Set-up files agree with each other, and the environment report works."""
 
 import re
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 from course.cli import main
 from course.environment import environment_report

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from course.sde import SDE, SubVPSDE, VESDE, VPSDE, get_sde
+from course.sde import SDE, VESDE, VPSDE, SubVPSDE, get_sde
 from course.simulate import compare_with_marginal, euler_maruyama_step, simulate_forward
 from course.toy_data import eight_gaussians, gaussian, oracle_score
 from tests.conftest import SHAPES

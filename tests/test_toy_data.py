@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from course.sde import VPSDE, VESDE
+from course.sde import VESDE, VPSDE
 from course.toy_data import (
     TOY_NAMES,
     GaussianMixture,

@@ -149,8 +149,10 @@ def check_vp_marginal(vp_marginal: Callable, *, seed: int | None = None) -> Chec
             }
             if isinstance(std, torch.Tensor) and std.ndim == x.ndim:
                 # A std already shaped to broadcast against x is fine: compare at full shape.
-                full = lambda s: expand_like(s, x).expand(shape)  # noqa: E731
-                if any(a not in (1, b) for a, b in zip(std.shape, shape)):
+                def full(s, x=x, shape=shape):
+                    return expand_like(s, x).expand(shape)
+
+                if any(a not in (1, b) for a, b in zip(std.shape, shape, strict=True)):
                     raise Mismatch(f"the std returned by vp_marginal has shape {tuple(std.shape)} "
                                    f"{where}; expected ({shape[0]},) or a shape that broadcasts "
                                    f"against x")
