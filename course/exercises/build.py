@@ -59,7 +59,10 @@ def strip_solutions(source: str, where: str = "cell") -> str:
 def build_exercise_notebook(solution: nbformat.NotebookNode, name: str) -> nbformat.NotebookNode:
     """The exercise version of one solution notebook (a new object; the input is unchanged)."""
     nb = nbformat.v4.new_notebook()
-    nb.metadata = {k: v for k, v in solution.metadata.items() if k in ("kernelspec", "language_info")}
+    # Only the kernel is copied: language_info records the Python that last ran the solutions.
+    nb.metadata = {"language_info": {"name": "python"}}
+    if "kernelspec" in solution.metadata:
+        nb.metadata["kernelspec"] = solution.metadata["kernelspec"]
     nb.metadata["course"] = {"chapter": Path(name).stem, "generated_from": f"solutions/{name}"}
     n_regions = 0
     for i, cell in enumerate(solution.cells):
