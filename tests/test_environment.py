@@ -1,12 +1,16 @@
 """Set-up files agree with each other, and the environment report works."""
 
 import re
+import sys
 from pathlib import Path
-
-import tomllib
 
 from course.cli import main
 from course.environment import environment_report
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10
+    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 
