@@ -77,6 +77,17 @@ class SDE(GaussianPath):
         sq = z.flatten(1).pow(2).sum(1) if z.ndim > 1 else z.pow(2)
         return -0.5 * d * math.log(2 * math.pi * s**2) - sq / (2 * s**2)
 
+    def discretize(self, x: Tensor, t: Tensor | float, dt: float) -> tuple[Tensor, Tensor]:
+        """Coefficients of the forward step of size ``dt`` that ends at ``t``:
+        x_t = x_{t-dt} + f_i + G_i z (Song et al. Appendix E), as ``(f_i, G_i)`` with ``f_i``
+        shaped like ``x`` and ``G_i`` of shape ``(B,)``.
+
+        This base version is Euler-Maruyama: f_i = f(x, t) dt, G_i = g(t) sqrt(dt). VP and VE
+        override it with their exact discrete chains (DDPM and SMLD).
+        """
+        t = as_time(t, x)
+        return self.drift(x, t) * dt, self.diffusion(t) * math.sqrt(dt)
+
     def reverse_drift(self, x: Tensor, t: Tensor | float, score_fn: ScoreFn) -> Tensor:
         """Drift of the reverse-time SDE, f(x, t) - g(t)^2 s(x, t), run from t = 1 to t = 0.
 
@@ -137,6 +148,12 @@ class VESDE(SDE):
     def prior_std(self) -> float:
         return float(self.sigma(torch.tensor(1.0, dtype=torch.float64)))
 
+    def discretize(self, x: Tensor, t: Tensor | float, dt: float) -> tuple[Tensor, Tensor]:
+        """SMLD chain: f_i = 0, G_i = sqrt(sigma(t)^2 - sigma(t - dt)^2)."""
+        t = as_time(t, x)
+        g = torch.sqrt(self.sigma(t) ** 2 - self.sigma((t - dt).clamp(min=0.0)) ** 2)
+        return torch.zeros_like(x), g
+
 
 @dataclass(frozen=True)
 class VPSDE(SDE):
@@ -177,6 +194,17 @@ class VPSDE(SDE):
     def prior_std(self) -> float:
         return 1.0
 
+    def discrete_beta(self, t: Tensor, dt: float) -> Tensor:
+        """beta_i = beta(t) dt of the DDPM chain whose step of size ``dt`` ends at ``t``."""
+        return self.beta(t) * dt
+
+    def discretize(self, x: Tensor, t: Tensor | float, dt: float) -> tuple[Tensor, Tensor]:
+        """DDPM chain x_i = sqrt(1 - beta_i) x_{i-1} + sqrt(beta_i) z with beta_i = beta(t) dt:
+        f_i = (sqrt(1 - beta_i) - 1) x, G_i = sqrt(beta_i)."""
+        t = as_time(t, x)
+        beta_i = self.discrete_beta(t, dt)
+        return (torch.sqrt(1 - expand_like(beta_i, x)) - 1) * x, torch.sqrt(beta_i)
+
 
 @dataclass(frozen=True)
 class SubVPSDE(VPSDE):
@@ -191,6 +219,10 @@ class SubVPSDE(VPSDE):
     def diffusion(self, t: Tensor | float) -> Tensor:
         t = torch.as_tensor(t)
         return torch.sqrt(self.beta(t) * -torch.expm1(-2 * self.integrated_beta(t)))
+
+    def discretize(self, x: Tensor, t: Tensor | float, dt: float) -> tuple[Tensor, Tensor]:
+        """Sub-VP has no named discrete chain: Euler-Maruyama coefficients."""
+        return SDE.discretize(self, x, t, dt)
 
 
 _SDES = {"ve": VESDE, "vp": VPSDE, "subvp": SubVPSDE, "sub-vp": SubVPSDE}
