@@ -180,7 +180,7 @@ def sample_vp_pc_algorithm3(score_fn: Callable, x_init: Tensor, n_steps: int, *,
     x = x_init  # 1: x_N ~ N(0, I)
     for i in range(n - 1, -1, -1):  # 2: for i = N-1 to 0
         t_next = as_time(float(ts[i + 1]), x)  # time of x_{i+1}
-        beta = expand_like(sde.beta(t_next) * dt, x)  # beta_{i+1}
+        beta = expand_like(sde.discrete_beta(t_next, dt), x)  # beta_{i+1}
         x = (2 - torch.sqrt(1 - beta)) * x + beta * score_fn(x, t_next, **cond)  # 3: predictor
         z = _noise(x, generator)  # 4
         x = x + torch.sqrt(beta) * z  # 5

@@ -195,8 +195,17 @@ class VPSDE(SDE):
         return 1.0
 
     def discrete_beta(self, t: Tensor, dt: float) -> Tensor:
-        """beta_i = beta(t) dt of the DDPM chain whose step of size ``dt`` ends at ``t``."""
-        return self.beta(t) * dt
+        """beta_i = beta(t) dt of the DDPM chain whose step of size ``dt`` ends at ``t``.
+
+        The chain needs beta_i < 1 (it scales by sqrt(1 - beta_i)), i.e. steps with
+        dt < 1 / beta_max: more than beta_max steps over [0, 1].
+        """
+        beta_i = self.beta(torch.as_tensor(t)) * dt
+        if (beta_i >= 1).any():
+            raise ValueError(
+                f"the DDPM discretisation needs beta(t) dt < 1; got {beta_i.max().item():.3g} "
+                f"with dt={dt:.3g}: use more than {math.ceil(self.beta_max)} steps over [0, 1]")
+        return beta_i
 
     def discretize(self, x: Tensor, t: Tensor | float, dt: float) -> tuple[Tensor, Tensor]:
         """DDPM chain x_i = sqrt(1 - beta_i) x_{i-1} + sqrt(beta_i) z with beta_i = beta(t) dt:

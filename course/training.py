@@ -157,6 +157,7 @@ def load_checkpoint(path: str | Path, model: nn.Module, *, rebuild: str = "") ->
         payload = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(payload["state_dict"])
     except Exception as exc:  # noqa: BLE001 - any failure means an unusable file
+        first_line = (str(exc).strip().splitlines() or [""])[0][:200]
         raise CheckpointError(f"checkpoint {path} could not be loaded "
-                              f"({type(exc).__name__}: {exc}){hint}") from exc
+                              f"({type(exc).__name__}: {first_line}){hint}") from exc
     return payload.get("meta", {})
