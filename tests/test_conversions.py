@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from course.conversions import PREDICTIONS, as_score_fn, convert, eps_to_score, eps_to_x0
-from course.sde import SubVPSDE, VESDE, VPSDE
+from course.sde import VESDE, VPSDE, SubVPSDE
 from course.toy_data import gaussian, oracle_score
 from tests.conftest import SHAPES
 

@@ -14,7 +14,7 @@ from course.samplers import (
     sample_vp_pc_algorithm3,
     time_grid,
 )
-from course.sde import SubVPSDE, VESDE, VPSDE
+from course.sde import VESDE, VPSDE, SubVPSDE
 from course.toy_data import gaussian, oracle_score
 from tests.conftest import SHAPES
 

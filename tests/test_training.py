@@ -43,7 +43,7 @@ def test_training_is_reproducible_and_calls_eval():
         calls = []
         cfg = TrainConfig(steps=30, batch_size=8, lr=0.01, eval_every=10)
         res = train(model, loss_fn, data, cfg, generator=torch.Generator().manual_seed(3),
-                    eval_fn=lambda m, step: calls.append(step) or step)
+                    eval_fn=lambda m, step, calls=calls: calls.append(step) or step)
         runs.append(res.losses)
         assert calls == [10, 20, 30] and [s for s, _ in res.evals] == [10, 20, 30]
     assert runs[0] == runs[1]
