@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from . import ch01
+from . import ch01, ch02
 from .verdict import CheckResult
 
 __all__ = ["Exercise", "CHAPTERS", "get_exercise", "check", "run_checks"]
@@ -32,6 +32,15 @@ CHAPTERS: dict[str, tuple[Exercise, ...]] = {
         Exercise("1.2", "one Euler-Maruyama step", ("euler_maruyama_step",),
                  ch01.check_euler_maruyama_step),
         Exercise("1.3", "VP marginal mean and std", ("vp_marginal",), ch01.check_vp_marginal),
+    ),
+    "02_reverse_sde": (
+        Exercise("2.1", "denoising score matching loss", ("dsm_loss",), ch02.check_dsm_loss),
+        Exercise("2.2", "one reverse-time Euler-Maruyama step", ("reverse_em_step",),
+                 ch02.check_reverse_em_step),
+        Exercise("2.3", "Langevin corrector step with SNR step size", ("langevin_corrector_step",),
+                 ch02.check_langevin_corrector_step),
+        Exercise("2.4", "predictor-corrector sampling, Algorithm 3", ("vp_pc_sampler",),
+                 ch02.check_vp_pc_sampler),
     ),
 }
 
