@@ -24,6 +24,8 @@ __all__ = [
     "plot_trajectories_1d",
     "plot_trajectories_2d",
     "plot_schedules",
+    "score_grid",
+    "plot_score_field",
 ]
 
 
@@ -129,6 +131,31 @@ def plot_schedules(ax_alpha, ax_sigma, paths: dict[str, GaussianPath], n: int = 
     ax_sigma.set(xlabel="t", ylabel="sigma(t)", title="std of x_t given x_0", yscale="log")
     ax_alpha.legend()
     ax_sigma.legend()
+
+
+def score_grid(score_fn: Callable[[Tensor, Tensor], Tensor], t: float, lim: float, n: int = 21
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Evaluate ``score_fn`` at time ``t`` on an ``n x n`` grid over [-lim, lim]^2.
+
+    Returns ``(points (n*n, 2), scores (n*n, 2))`` as float64 arrays.
+    """
+    axis = torch.linspace(-lim, lim, n, dtype=torch.float64)
+    yy, xx = torch.meshgrid(axis, axis, indexing="ij")
+    pts = torch.stack([xx.flatten(), yy.flatten()], dim=1)  # (n*n, 2)
+    with torch.no_grad():
+        scores = score_fn(pts, torch.full((pts.shape[0],), float(t), dtype=torch.float64))
+    return pts.numpy(), scores.double().numpy()
+
+
+def plot_score_field(ax, score_fn: Callable[[Tensor, Tensor], Tensor], t: float, *,
+                     lim: float = 3.5, n: int = 21, title: str | None = None,
+                     color: str = "k") -> None:
+    """Arrows of the score at time ``t``, normalised to equal length (direction only)."""
+    pts, scores = score_grid(score_fn, t, lim, n)
+    norm = np.linalg.norm(scores, axis=1, keepdims=True) + 1e-12
+    ax.quiver(pts[:, 0], pts[:, 1], *(scores / norm).T, color=color, alpha=0.6,
+              scale=n * 1.3, width=0.004)
+    _square(ax, lim, title)
 
 
 def _square(ax, lim: float | None, title: str | None) -> None:

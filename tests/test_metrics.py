@@ -22,7 +22,7 @@ def test_sliced_wasserstein_of_a_shift_in_one_dimension(gen):
 
 def test_sliced_wasserstein_of_a_shift_in_two_dimensions(gen):
     """SW2^2 of a shift c e_1 in 2-D is c^2 E[u_1^2] = c^2 / 2 over uniform directions."""
-    x = torch.randn(2000, 2, generator=gen, dtype=torch.float64)
+    x = torch.randn(500, 2, generator=gen, dtype=torch.float64)
     sw = sliced_wasserstein(x, x + torch.tensor([1.0, 0.0], dtype=torch.float64), n_projections=20_000)
     assert abs(sw - math.sqrt(0.5)) < 0.01
 
@@ -56,7 +56,7 @@ def test_energy_noise_floor_matches_its_expectation():
 def test_distances_grow_with_a_real_difference(gen):
     """Energy distance sees a 3x blur of every mode; sliced W2 barely does (its floor is set by
     the random number of samples per mode), but it sees a larger circle."""
-    data, n = eight_gaussians(), 10_000
+    data, n = eight_gaussians(), 6_000
     a, b = data.sample(n, generator=gen), data.sample(n, generator=gen)
     blurred = eight_gaussians(std=0.3).sample(n, generator=gen)
     wider = eight_gaussians(radius=2.5).sample(n, generator=gen)
@@ -79,3 +79,34 @@ def test_bad_inputs():
         energy_distance(torch.zeros(3, 2), torch.zeros(3, 3))
     with pytest.raises(ValueError, match="repeats >= 1"):
         noise_floor(energy_distance, lambda k: torch.zeros(k, 2), 10, repeats=0)
+
+
+def test_mmd_floor_is_exact_for_mixtures():
+    """The closed-form E k(X, X') matches Monte Carlo, and the MMD between independent true sets
+    averages (2/n)(1 - E k) within 4 standard errors."""
+    from course.metrics import expected_rbf_kernel, mmd_floor, mmd_rbf
+
+    data, gen = eight_gaussians(), torch.Generator().manual_seed(0)
+    a, b = data.sample(4000, generator=gen).double(), data.sample(4000, generator=gen).double()
+    mc = torch.exp(-(a - b).pow(2).sum(1) / (2 * 0.1**2))
+    assert abs(mc.mean().item() - expected_rbf_kernel(data, 0.1)) < 4 * mc.std().item() / math.sqrt(4000)
+    values = torch.tensor([mmd_rbf(data.sample(500, generator=gen), data.sample(500, generator=gen))
+                           for _ in range(40)])
+    assert abs(values.mean().item() - mmd_floor(data, 500)) < 4 * values.std().item() / math.sqrt(40)
+    assert mmd_rbf(a, a) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_sample_quality_of_true_samples_is_at_the_floor():
+    """True samples in place of generated ones: both ratios near 1 (4 standard errors); a 30%
+    wider std in every mode is far above the MMD floor."""
+    from course.metrics import make_reference, sample_quality
+
+    data, gen = eight_gaussians(), torch.Generator().manual_seed(0)
+    ref = make_reference(data, 1000, repeats=8, generator=gen)
+    q = sample_quality(data.sample(8000, generator=gen), ref)
+    assert abs(q.mmd_ratio - 1) < 4 * q.mmd_ratio_se
+    assert abs(q.sw_ratio - 1) < 4 * q.sw_ratio_se
+    blurred = sample_quality(eight_gaussians(std=0.13).sample(8000, generator=gen), ref)
+    assert blurred.mmd_ratio - 1 > 4 * blurred.mmd_ratio_se
+    with pytest.raises(ValueError, match="expected 1000 samples, or 8 sets"):
+        sample_quality(data.sample(1500, generator=gen), ref)

@@ -56,3 +56,18 @@ def test_figures_draw_headless():
     plot_perturbed_density(ax, data, sdes["VP"], 0.3, samples=x0, n_grid=20)
     assert len(ax.images) == 1 and len(ax.collections) == 1
     plt.close("all")
+
+
+def test_score_grid_and_field():
+    from course.plotting import plot_score_field, score_grid
+    from course.toy_data import oracle_score
+
+    data, sde = eight_gaussians(), VPSDE()
+    pts, scores = score_grid(oracle_score(data, sde), 0.3, 3.0, n=11)
+    assert pts.shape == (121, 2) and scores.shape == (121, 2)
+    expected = data.perturbed_score(torch.as_tensor(pts), 0.3, sde).numpy()
+    np.testing.assert_allclose(scores, expected)
+    fig, ax = plt.subplots()
+    plot_score_field(ax, oracle_score(data, sde), 0.3, n=11)
+    assert len(ax.collections) == 1
+    plt.close(fig)
