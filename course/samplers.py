@@ -173,10 +173,12 @@ def sample_vp_pc_algorithm3(score_fn: Callable, x_init: Tensor, n_steps: int, *,
     The corrector step size is eps_i = 2 (r ||z|| / ||s||)^2 (Algorithm 4's rule; Algorithm 5
     multiplies it by 1 - beta_i, a difference of at most beta_max dt).
     """
+    from .fast_samplers import step_to_time  # the one step -> time helper
+
     n = check_positive_int(n_steps, "n_steps")
     m = check_positive_int(corrector_steps, "corrector_steps", allow_zero=True)
     dt = (1 - t_min) / n
-    ts = torch.tensor([t_min + (1 - t_min) * i / n for i in range(n + 1)], dtype=torch.float64)
+    ts = step_to_time(torch.arange(n + 1), n, t_min=t_min)
     x = x_init  # 1: x_N ~ N(0, I)
     for i in range(n - 1, -1, -1):  # 2: for i = N-1 to 0
         t_next = as_time(float(ts[i + 1]), x)  # time of x_{i+1}
