@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from . import ch01, ch02
+from . import ch01, ch02, ch03, ch04
 from .verdict import CheckResult
 
 __all__ = ["Exercise", "CHAPTERS", "get_exercise", "check", "run_checks"]
@@ -41,6 +41,16 @@ CHAPTERS: dict[str, tuple[Exercise, ...]] = {
                  ch02.check_langevin_corrector_step),
         Exercise("2.4", "predictor-corrector sampling, Algorithm 3", ("vp_pc_sampler",),
                  ch02.check_vp_pc_sampler),
+    ),
+    "03_probability_flow": (
+        Exercise("3.1", "probability-flow drift", ("probability_flow_drift",),
+                 ch03.check_probability_flow_drift),
+        Exercise("3.2", "Hutchinson divergence estimator", ("hutchinson_divergence",),
+                 ch03.check_hutchinson_divergence),
+    ),
+    "04_fast_sampling": (
+        Exercise("4.1", "one DDIM step", ("ddim_step",), ch04.check_ddim_step),
+        Exercise("4.2", "one DPM-Solver-2 step", ("dpm_solver_2_step",), ch04.check_dpm_solver_2_step),
     ),
 }
 

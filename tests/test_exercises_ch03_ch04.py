@@ -1,0 +1,125 @@
+"""Chapter 03 and 04 checks, proven both ways: the solutions pass, the stubs and planted mistakes
+fail with one clear line."""
+
+import math
+
+import pytest
+import torch
+
+from course.exercises import check, run_checks
+from course.fast_samplers import dpm_solver_1_step, log_snr
+from course.utils import expand_like
+from tests.notebook_code import notebook_functions
+from tests.test_exercises_ch01 import _assert_clean_failure
+
+CHAPTERS = ["03_probability_flow", "04_fast_sampling"]
+SOLUTIONS = {c: notebook_functions(f"solutions/{c}.ipynb") for c in CHAPTERS}
+STUBS = {c: notebook_functions(f"exercises/{c}.ipynb") for c in CHAPTERS}
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_solutions_pass(chapter, seed):
+    results = run_checks(chapter, SOLUTIONS[chapter], seed=seed)
+    assert len(results) == 2 and all(r.passed for r in results), [str(r) for r in results]
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_stubs_fail_cleanly(chapter):
+    for r in run_checks(chapter, STUBS[chapter]):
+        assert r.status == "not attempted"
+        _assert_clean_failure(r, "NotImplementedError")
+
+
+def _g2(sde, t, x):
+    return expand_like(sde.diffusion(t) ** 2, x)
+
+
+PF_MISTAKES = {
+    "reverse-sde": (lambda x, t, sde, s: sde.drift(x, t) - _g2(sde, t, x) * s(x, t), "reverse SDE"),
+    "sign": (lambda x, t, sde, s: sde.drift(x, t) + 0.5 * _g2(sde, t, x) * s(x, t), "adds the score"),
+    "no-f": (lambda x, t, sde, s: -0.5 * _g2(sde, t, x) * s(x, t), "forgets the drift"),
+    "no-broadcast": (lambda x, t, sde, s: sde.drift(x, t) - 0.5 * sde.diffusion(t) ** 2 * s(x, t),
+                     "expand_like"),
+}
+
+
+@pytest.mark.parametrize("name", PF_MISTAKES)
+def test_pf_drift_mistakes(name):
+    fn, words = PF_MISTAKES[name]
+    _assert_clean_failure(check("3.1", fn, seed=0), words)
+
+
+def _hutchinson(reduce="mean", use_probe_twice=True):
+    def estimate(velocity, x, t, probes):
+        x = x.detach().requires_grad_(True)
+        v = velocity(x, t)
+        vals = []
+        for eps in probes:
+            vjp = torch.autograd.grad(v, x, grad_outputs=eps, retain_graph=True)[0]
+            vals.append((vjp * eps if use_probe_twice else vjp).flatten(1).sum(1))
+        out = torch.stack(vals)
+        if reduce == "sum":
+            return out.sum(0)
+        if reduce == "dim-mean":
+            return out.mean(0) / x[0].numel()
+        return out.mean(0)
+    return estimate
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"reduce": "sum"}, "sums over the probes"),
+    ({"reduce": "dim-mean"}, "divides by the number of dimensions"),
+    ({"use_probe_twice": False}, "hutchinson_divergence"),
+])
+def test_hutchinson_mistakes(kwargs, words):
+    _assert_clean_failure(check("3.2", _hutchinson(**kwargs), seed=0), words)
+
+
+def _e(v, x):
+    return expand_like(v, x)
+
+
+DDIM_MISTAKES = {
+    "no-divide": (lambda x, e, at, st, as_, ss: _e(as_, x) * (x - _e(st, x) * e) + _e(ss, x) * e,
+                  "divide by alpha_t"),
+    "sigma-t": (lambda x, e, at, st, as_, ss: _e(as_, x) * (x - _e(st, x) * e) / _e(at, x) + _e(st, x) * e,
+                "re-noises with sigma_t"),
+    "plus": (lambda x, e, at, st, as_, ss: _e(as_, x) * (x + _e(st, x) * e) / _e(at, x) + _e(ss, x) * e,
+             "x0 = (x - sigma_t eps_hat) / alpha_t"),
+}
+
+
+@pytest.mark.parametrize("name", DDIM_MISTAKES)
+def test_ddim_mistakes(name):
+    fn, words = DDIM_MISTAKES[name]
+    _assert_clean_failure(check("4.1", fn, seed=0), words)
+
+
+def _first_order(x, t, s, eps_fn, sde):
+    return dpm_solver_1_step(x, t, s, eps_fn(x, torch.full((x.shape[0],), t, dtype=x.dtype)), sde)
+
+
+def _linear_midpoint(x, t, s, eps_fn, sde):
+    m = (t + s) / 2
+    u = dpm_solver_1_step(x, t, m, eps_fn(x, torch.full((x.shape[0],), t, dtype=x.dtype)), sde)
+    tt, ss = torch.tensor(t, dtype=torch.float64), torch.tensor(s, dtype=torch.float64)
+    h = (log_snr(sde, ss) - log_snr(sde, tt)).item()
+    return (sde.alpha(ss) / sde.alpha(tt)) * x - sde.sigma(ss) * math.expm1(h) * eps_fn(
+        u, torch.full((x.shape[0],), m, dtype=x.dtype))
+
+
+def _eps_at_x(x, t, s, eps_fn, sde):
+    tt, ss = torch.tensor(t, dtype=torch.float64), torch.tensor(s, dtype=torch.float64)
+    h = (log_snr(sde, ss) - log_snr(sde, tt)).item()
+    return (sde.alpha(ss) / sde.alpha(tt)) * x - sde.sigma(ss) * math.expm1(h) * eps_fn(
+        x, torch.full((x.shape[0],), (t + s) / 2, dtype=x.dtype))
+
+
+@pytest.mark.parametrize("fn, words", [
+    (_first_order, "first-order step"),
+    (_linear_midpoint, "halfway in t"),
+    (_eps_at_x, "dpm_solver_2_step"),
+])
+def test_dpm_solver_2_mistakes(fn, words):
+    _assert_clean_failure(check("4.2", fn, seed=0), words)
