@@ -57,37 +57,44 @@ def _cases(gen: torch.Generator):
             shape[0], generator=gen, dtype=torch.float64)
 
 
+def _sde_score_cases(gen: torch.Generator):
+    """Every (sde, score label, score, t, shape, x, t tensor) combination a check runs:
+    VP and VE, two score functions, 2-D and image shapes, several t."""
+    for sde in _sdes(gen):
+        for label, make in _score_models(gen).items():
+            score = make(sde)
+            for t, shape, x, tt in _cases(gen):
+                yield sde, label, score, t, shape, x, tt
+
+
 def check_dsm_loss(dsm_loss: Callable, *, seed: int | None = None) -> CheckResult:
     """Exercise 2.1: mean over the batch and dimensions of (sigma s(x_t, t) + eps)^2."""
     gen = _generator(seed)
 
     def body() -> str:
-        for sde in _sdes(gen):
-            for label, make in _score_models(gen).items():
-                score = make(sde)
-                for t, shape, x0, tt in _cases(gen):
-                    eps = torch.randn(shape, generator=gen, dtype=torch.float64)
-                    where = f"{describe_where(t, shape)} for the {sde.name} SDE with {label}"
-                    got = call_student(dsm_loss, "dsm_loss", score, x0.clone(), tt.clone(),
-                                       eps.clone(), sde, where=where)
-                    ref = dsm_loss_terms(score, x0, tt, eps, sde, prediction="score").mean()
-                    a, sig = expand_like(sde.alpha(tt), x0), expand_like(sde.sigma(tt), x0)
-                    x_t = a * x0 + sig * eps
-                    s = score(x_t, tt)
-                    if isinstance(got, torch.Tensor) and got.numel() == 1 and got.ndim > 0:
-                        got = got.reshape(())
-                    compare("dsm_loss", got, ref, where=where, mistakes={
-                        "drops the weight lambda(t) = sigma(t)^2: (s + eps/sigma)^2 is unweighted":
-                            (s + eps / sig).pow(2).mean(),
-                        "has the sign of the target flipped: the target score is -eps / sigma":
-                            (sig * s - eps).pow(2).mean(),
-                        "sums over data dimensions; average over them (and over the batch)":
-                            (sig * s + eps).pow(2).flatten(1).sum(1).mean(),
-                        "forgets alpha(t) when building x_t = alpha x0 + sigma eps":
-                            (sig * score(x0 + sig * eps, tt) + eps).pow(2).mean(),
-                        "uses -eps as the target score; it is -eps / sigma(t)":
-                            (sig**2 * (s + eps).pow(2)).mean(),
-                    })
+        for sde, label, score, t, shape, x0, tt in _sde_score_cases(gen):
+            eps = torch.randn(shape, generator=gen, dtype=torch.float64)
+            where = f"{describe_where(t, shape)} for the {sde.name} SDE with {label}"
+            got = call_student(dsm_loss, "dsm_loss", score, x0.clone(), tt.clone(), eps.clone(),
+                               sde, where=where)
+            ref = dsm_loss_terms(score, x0, tt, eps, sde, prediction="score").mean()
+            a, sig = expand_like(sde.alpha(tt), x0), expand_like(sde.sigma(tt), x0)
+            x_t = a * x0 + sig * eps
+            s = score(x_t, tt)
+            if isinstance(got, torch.Tensor) and got.numel() == 1 and got.ndim > 0:
+                got = got.reshape(())
+            compare("dsm_loss", got, ref, where=where, mistakes={
+                "drops the weight lambda(t) = sigma(t)^2: (s + eps/sigma)^2 is unweighted":
+                    (s + eps / sig).pow(2).mean(),
+                "has the sign of the target flipped: the target score is -eps / sigma":
+                    (sig * s - eps).pow(2).mean(),
+                "sums over data dimensions; average over them (and over the batch)":
+                    (sig * s + eps).pow(2).flatten(1).sum(1).mean(),
+                "forgets alpha(t) when building x_t = alpha x0 + sigma eps":
+                    (sig * score(x0 + sig * eps, tt) + eps).pow(2).mean(),
+                "uses -eps as the target score; it is -eps / sigma(t)":
+                    (sig**2 * (s + eps).pow(2)).mean(),
+            })
         return ("dsm_loss matches the reference for VP and VE, two score models, 2-D and image "
                 "shapes and several t.")
 
@@ -99,34 +106,28 @@ def check_reverse_em_step(reverse_em_step: Callable, *, seed: int | None = None)
     gen = _generator(seed)
 
     def body() -> str:
-        for sde in _sdes(gen):
-            for label, make in _score_models(gen).items():
-                score = make(sde)
-                for t, shape, x, tt in _cases(gen):
-                    dt = float(0.001 + 0.03 * torch.rand((), generator=gen))
-                    z = torch.randn(shape, generator=gen, dtype=torch.float64)
-                    where = (f"{describe_where(t, shape)} for the {sde.name} SDE with {label} "
-                             f"and dt={dt:.3g}")
-                    x_in = x.clone()
-                    got = call_student(reverse_em_step, "reverse_em_step", x_in, tt.clone(), dt,
-                                       sde, score, z.clone(), where=where)
-                    if not torch.equal(x_in, x):
-                        raise Mismatch(f"reverse_em_step changed its input x in place {where}")
-                    f, g = sde.drift(x, tt), expand_like(sde.diffusion(tt), x)
-                    s, noise = score(x, tt), g * math.sqrt(dt) * z
-                    compare("reverse_em_step", got,
-                            reference_reverse_em_step(x, tt, dt, sde, score, z), where=where,
-                            mistakes={
-                        "uses 1/2 g^2 s: that is the probability-flow ODE drift, not the "
-                        "reverse SDE's g^2 s": x - (f - 0.5 * g**2 * s) * dt + noise,
-                        "uses g(t) s instead of g(t)^2 s": x - (f - g * s) * dt + noise,
-                        "steps forward in time: going from t to t - dt subtracts the drift "
-                        "f - g^2 s times dt": x + (f - g**2 * s) * dt + noise,
-                        "adds the score term with the wrong sign": x - (f + g**2 * s) * dt + noise,
-                        "scales the noise by dt instead of sqrt(dt)":
-                            x - (f - g**2 * s) * dt + g * dt * z,
-                        "forgets the noise term g(t) sqrt(dt) z": x - (f - g**2 * s) * dt,
-                    })
+        for sde, label, score, t, shape, x, tt in _sde_score_cases(gen):
+            dt = float(0.001 + 0.03 * torch.rand((), generator=gen))
+            z = torch.randn(shape, generator=gen, dtype=torch.float64)
+            where = f"{describe_where(t, shape)} for the {sde.name} SDE with {label} and dt={dt:.3g}"
+            x_in = x.clone()
+            got = call_student(reverse_em_step, "reverse_em_step", x_in, tt.clone(), dt, sde,
+                               score, z.clone(), where=where)
+            if not torch.equal(x_in, x):
+                raise Mismatch(f"reverse_em_step changed its input x in place {where}")
+            f, g = sde.drift(x, tt), expand_like(sde.diffusion(tt), x)
+            s, noise = score(x, tt), g * math.sqrt(dt) * z
+            compare("reverse_em_step", got, reference_reverse_em_step(x, tt, dt, sde, score, z),
+                    where=where, mistakes={
+                "uses 1/2 g^2 s: that is the probability-flow ODE drift, not the reverse SDE's "
+                "g^2 s": x - (f - 0.5 * g**2 * s) * dt + noise,
+                "uses g(t) s instead of g(t)^2 s": x - (f - g * s) * dt + noise,
+                "steps forward in time: going from t to t - dt subtracts the drift f - g^2 s "
+                "times dt": x + (f - g**2 * s) * dt + noise,
+                "adds the score term with the wrong sign": x - (f + g**2 * s) * dt + noise,
+                "scales the noise by dt instead of sqrt(dt)": x - (f - g**2 * s) * dt + g * dt * z,
+                "forgets the noise term g(t) sqrt(dt) z": x - (f - g**2 * s) * dt,
+            })
         return ("reverse_em_step matches the reference for VP and VE, two score models, 2-D and "
                 "image shapes and several t.")
 

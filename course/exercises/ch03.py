@@ -13,7 +13,7 @@ import torch
 from ..ode import hutchinson_divergence as reference_hutchinson
 from ..utils import expand_like
 from .ch01 import _generator
-from .ch02 import _cases, _score_models, _sdes
+from .ch02 import _sde_score_cases
 from .verdict import CheckResult, Mismatch, call_student, compare, describe_where, run_check
 
 
@@ -23,23 +23,19 @@ def check_probability_flow_drift(probability_flow_drift: Callable, *, seed: int 
     gen = _generator(seed)
 
     def body() -> str:
-        for sde in _sdes(gen):
-            for label, make in _score_models(gen).items():
-                score = make(sde)
-                for t, shape, x, tt in _cases(gen):
-                    where = f"{describe_where(t, shape)} for the {sde.name} SDE with {label}"
-                    got = call_student(probability_flow_drift, "probability_flow_drift", x.clone(),
-                                       tt.clone(), sde, score, where=where)
-                    f, g2 = sde.drift(x, tt), expand_like(sde.diffusion(tt) ** 2, x)
-                    s = score(x, tt)
-                    compare("probability_flow_drift", got, sde.probability_flow_drift(x, tt, score),
-                            where=where, mistakes={
-                        "uses g^2 s without the factor 1/2: that is the reverse SDE's drift":
-                            f - g2 * s,
-                        "adds the score term; the ODE drift is f - 1/2 g^2 s": f + 0.5 * g2 * s,
-                        "uses g(t) instead of g(t)^2": f - 0.5 * expand_like(sde.diffusion(tt), x) * s,
-                        "forgets the drift f(x, t) of the forward SDE": -0.5 * g2 * s,
-                    })
+        for sde, label, score, t, shape, x, tt in _sde_score_cases(gen):
+            where = f"{describe_where(t, shape)} for the {sde.name} SDE with {label}"
+            got = call_student(probability_flow_drift, "probability_flow_drift", x.clone(),
+                               tt.clone(), sde, score, where=where)
+            f, g2 = sde.drift(x, tt), expand_like(sde.diffusion(tt) ** 2, x)
+            s = score(x, tt)
+            compare("probability_flow_drift", got, sde.probability_flow_drift(x, tt, score),
+                    where=where, mistakes={
+                "uses g^2 s without the factor 1/2: that is the reverse SDE's drift": f - g2 * s,
+                "adds the score term; the ODE drift is f - 1/2 g^2 s": f + 0.5 * g2 * s,
+                "uses g(t) instead of g(t)^2": f - 0.5 * expand_like(sde.diffusion(tt), x) * s,
+                "forgets the drift f(x, t) of the forward SDE": -0.5 * g2 * s,
+            })
         return ("probability_flow_drift matches the reference for VP and VE, two score models, "
                 "2-D and image shapes and several t.")
 
