@@ -28,8 +28,8 @@ from torch import Tensor
 
 from .conversions import eps_to_x0, score_to_eps
 from .paths import GaussianPath
-from .samplers import SamplerStep, _check_grid, _noise
-from .utils import as_time, check_batch, check_positive_int, check_time_scalar, expand_like
+from .samplers import SamplerStep, check_decreasing_grid, gaussian_like, step_to_time
+from .utils import as_time, check_batch, check_positive_int, expand_like
 
 __all__ = [
     "step_to_time",
@@ -46,20 +46,6 @@ __all__ = [
 ]
 
 GRIDS = ("uniform", "quadratic", "logsnr")
-
-
-def step_to_time(i, n_steps: int, *, t_min: float = 1e-3) -> Tensor:
-    """Continuous time of discrete step i in 0..N: t_i = t_min + (1 - t_min) i / N (float64).
-
-    Step N is t = 1 (the prior) and step 0 is t_min; this is the indexing of Algorithm 3 and
-    of DDPM's x_N, ..., x_0.
-    """
-    n_steps = check_positive_int(n_steps, "n_steps")
-    t_min = check_time_scalar(t_min, "t_min")
-    i = torch.as_tensor(i, dtype=torch.float64)
-    if (i < 0).any() or (i > n_steps).any():
-        raise ValueError(f"expected step indices in 0..{n_steps}; got {i.min().item()}..{i.max().item()}")
-    return t_min + (1 - t_min) * i / n_steps
 
 
 def log_snr(path: GaussianPath, t: Tensor) -> Tensor:
@@ -159,12 +145,12 @@ def sample_ddim(score_fn: Callable, x_init: Tensor, ts: Tensor, *, path: Gaussia
     """DDIM over the decreasing grid ``ts`` (one NFE per step); eta = 1 is DDPM ancestral sampling.
     The last step is taken without noise."""
     check_batch(x_init, name="x_init")
-    grid, eps_fn, x = _check_grid(ts), _eps_fn(score_fn, path, cond), x_init
+    grid, eps_fn, x = check_decreasing_grid(ts), _eps_fn(score_fn, path, cond), x_init
     for i in range(len(grid) - 1):
         t, s = grid[i], grid[i + 1]
         last = i == len(grid) - 2
         step_eta = 0.0 if last else eta
-        z = _noise(x, generator) if step_eta > 0 else None
+        z = gaussian_like(x, generator) if step_eta > 0 else None
         x = ddim_step(x, t, s, eps_fn(x, as_time(t, x)), path, eta=step_eta, z=z)
         if callback is not None:
             callback(SamplerStep(i=i, t=s, x=x))
@@ -183,7 +169,7 @@ def sample_dpm_solver_2(score_fn: Callable, x_init: Tensor, ts: Tensor, *, path:
                         callback: Callable | None = None, **cond) -> Tensor:
     """DPM-Solver-2 over the decreasing grid ``ts`` (two NFE per step)."""
     check_batch(x_init, name="x_init")
-    grid, eps_fn, x = _check_grid(ts), _eps_fn(score_fn, path, cond), x_init
+    grid, eps_fn, x = check_decreasing_grid(ts), _eps_fn(score_fn, path, cond), x_init
     for i in range(len(grid) - 1):
         x = dpm_solver_2_step(x, grid[i], grid[i + 1], eps_fn, path)
         if callback is not None:
@@ -196,7 +182,7 @@ def ddim_invert(score_fn: Callable, x0: Tensor, ts: Tensor, *, path: GaussianPat
     """Run deterministic DDIM forwards, from the smallest time of the decreasing grid ``ts`` up to
     its largest: data -> noise. ``sample_ddim(..., eta=0)`` over the same grid maps it back."""
     check_batch(x0, name="x0")
-    grid, eps_fn, x = _check_grid(ts)[::-1], _eps_fn(score_fn, path, cond), x0
+    grid, eps_fn, x = check_decreasing_grid(ts)[::-1], _eps_fn(score_fn, path, cond), x0
     for i in range(len(grid) - 1):
         t, s = grid[i], grid[i + 1]
         x = ddim_step(x, t, s, eps_fn(x, as_time(t, x)), path)

@@ -123,6 +123,12 @@ class NoiseFloor:
     def __str__(self) -> str:
         return f"{self.mean:.4f} ± {self.std:.4f} (n={self.n}, {self.repeats} repeats)"
 
+    @classmethod
+    def from_values(cls, values: list[float], n: int) -> NoiseFloor:
+        """Mean and standard deviation of distances measured between independent true sets."""
+        v = torch.tensor(values, dtype=torch.float64)
+        return cls(v.mean().item(), v.std().item() if len(v) > 1 else float("nan"), n, len(v))
+
 
 def noise_floor(metric: Callable[[Tensor, Tensor], float], sample: Callable[[int], Tensor], n: int,
                 *, repeats: int = 5) -> NoiseFloor:
@@ -132,9 +138,7 @@ def noise_floor(metric: Callable[[Tensor, Tensor], float], sample: Callable[[int
     """
     n = check_positive_int(n, "n")
     repeats = check_positive_int(repeats, "repeats")
-    values = torch.tensor([metric(sample(n), sample(n)) for _ in range(repeats)], dtype=torch.float64)
-    std = values.std().item() if repeats > 1 else float("nan")
-    return NoiseFloor(values.mean().item(), std, n, repeats)
+    return NoiseFloor.from_values([metric(sample(n), sample(n)) for _ in range(repeats)], n)
 
 
 def mode_weights(x: Tensor, mixture: GaussianMixture) -> Tensor:
@@ -179,9 +183,7 @@ def make_reference(data, n: int, *, repeats: int = 4, bandwidth: float = 0.1,
              for _ in range(repeats)]
 
     def floor(metric):
-        values = torch.tensor([metric(a, b) for a, b in pairs], dtype=torch.float64)
-        std = values.std().item() if repeats > 1 else float("nan")
-        return NoiseFloor(values.mean().item(), std, n, repeats)
+        return NoiseFloor.from_values([metric(a, b) for a, b in pairs], n)
 
     if isinstance(data, GaussianMixture):
         mmd = NoiseFloor(mmd_floor(data, n, bandwidth=bandwidth), 0.0, n, 0)

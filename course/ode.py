@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .samplers import SamplerStep, _check_grid
+from .samplers import SamplerStep, check_decreasing_grid
 from .sde import SDE
 from .utils import as_time, check_batch, check_positive_int, check_time_scalar
 
@@ -52,7 +52,7 @@ def sample_ode_euler(score_fn: Callable, x_init: Tensor, ts: Tensor, *, sde: SDE
                      callback: Callable | None = None, **cond) -> Tensor:
     """Euler's method on the probability-flow ODE over the grid ``ts`` (one NFE per step)."""
     check_batch(x_init, name="x_init")
-    grid, v, x = _check_grid(ts), _velocity(sde, score_fn, cond), x_init
+    grid, v, x = check_decreasing_grid(ts), _velocity(sde, score_fn, cond), x_init
     for i in range(len(grid) - 1):
         t, dt = grid[i], grid[i + 1] - grid[i]  # dt < 0: backwards in time
         x = x + v(x, as_time(t, x)) * dt
@@ -66,7 +66,7 @@ def sample_ode_heun(score_fn: Callable, x_init: Tensor, ts: Tensor, *, sde: SDE,
     """Heun's method (explicit trapezoid, 2nd order) on the probability-flow ODE: two NFE per
     step (Karras et al. 2022, Algorithm 1 without churn)."""
     check_batch(x_init, name="x_init")
-    grid, v, x = _check_grid(ts), _velocity(sde, score_fn, cond), x_init
+    grid, v, x = check_decreasing_grid(ts), _velocity(sde, score_fn, cond), x_init
     for i in range(len(grid) - 1):
         t, t_next = grid[i], grid[i + 1]
         dt = t_next - t

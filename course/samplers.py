@@ -26,6 +26,9 @@ from .utils import as_time, check_batch, check_positive_int, check_time_scalar, 
 __all__ = [
     "SamplerStep",
     "time_grid",
+    "step_to_time",
+    "check_decreasing_grid",
+    "gaussian_like",
     "reverse_em_step",
     "reverse_diffusion_step",
     "langevin_step",
@@ -61,7 +64,22 @@ def time_grid(n_steps: int, *, t_min: float = 1e-3, t_max: float = 1.0) -> Tenso
     return torch.linspace(t_max, t_min, n_steps + 1, dtype=torch.float64)
 
 
-def _check_grid(ts: Tensor) -> list[float]:
+def step_to_time(i, n_steps: int, *, t_min: float = 1e-3) -> Tensor:
+    """Continuous time of discrete step i in 0..N: t_i = t_min + (1 - t_min) i / N (float64).
+
+    Step N is t = 1 (the prior) and step 0 is t_min; this is the indexing of Algorithm 3 and
+    of DDPM's x_N, ..., x_0.
+    """
+    n_steps = check_positive_int(n_steps, "n_steps")
+    t_min = check_time_scalar(t_min, "t_min")
+    i = torch.as_tensor(i, dtype=torch.float64)
+    if (i < 0).any() or (i > n_steps).any():
+        raise ValueError(f"expected step indices in 0..{n_steps}; got {i.min().item()}..{i.max().item()}")
+    return t_min + (1 - t_min) * i / n_steps
+
+
+def check_decreasing_grid(ts: Tensor) -> list[float]:
+    """Validate a strictly decreasing time grid inside [0, 1] and return it as floats."""
     ts = torch.as_tensor(ts, dtype=torch.float64)
     if ts.ndim != 1 or len(ts) < 2:
         raise ValueError(f"expected a 1-D time grid with at least 2 times; got shape {tuple(ts.shape)}")
@@ -70,7 +88,8 @@ def _check_grid(ts: Tensor) -> list[float]:
     return ts.tolist()
 
 
-def _noise(x: Tensor, generator) -> Tensor:
+def gaussian_like(x: Tensor, generator) -> Tensor:
+    """Standard normal noise shaped like ``x``, drawn from ``generator``."""
     return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
 
 
@@ -137,7 +156,7 @@ def sample_pc(score_fn: Callable, x_init: Tensor, ts: Tensor, *, sde: SDE,
     last predictor step adds no noise and no corrector follows it.
     """
     check_batch(x_init, name="x_init")
-    grid = _check_grid(ts)
+    grid = check_decreasing_grid(ts)
     corrector_steps = check_positive_int(corrector_steps, "corrector_steps", allow_zero=True)
     if predictor not in PREDICTORS:
         raise ValueError(f"unknown predictor {predictor!r}; expected one of {PREDICTORS}")
@@ -151,13 +170,13 @@ def sample_pc(score_fn: Callable, x_init: Tensor, ts: Tensor, *, sde: SDE,
         t, t_next = grid[i], grid[i + 1]
         dt, last = t - t_next, i == n - 1
         if predictor is not None:
-            z = torch.zeros_like(x) if (denoise and last) else _noise(x, generator)
+            z = torch.zeros_like(x) if (denoise and last) else gaussian_like(x, generator)
             step = reverse_em_step if predictor == "euler_maruyama" else reverse_diffusion_step
             x = step(x, as_time(t, x), dt, sde, score_fn, z, **cond)
         if not (denoise and last and predictor is not None):
             tt = as_time(t_next, x)
             for _ in range(corrector_steps):
-                x = langevin_step(x, tt, score_fn, _noise(x, generator), snr=snr, **cond)
+                x = langevin_step(x, tt, score_fn, gaussian_like(x, generator), snr=snr, **cond)
         if callback is not None:
             callback(SamplerStep(i=i, t=t_next, x=x))
     return x
@@ -173,8 +192,6 @@ def sample_vp_pc_algorithm3(score_fn: Callable, x_init: Tensor, n_steps: int, *,
     The corrector step size is eps_i = 2 (r ||z|| / ||s||)^2 (Algorithm 4's rule; Algorithm 5
     multiplies it by 1 - beta_i, a difference of at most beta_max dt).
     """
-    from .fast_samplers import step_to_time  # the one step -> time helper
-
     n = check_positive_int(n_steps, "n_steps")
     m = check_positive_int(corrector_steps, "corrector_steps", allow_zero=True)
     dt = (1 - t_min) / n
@@ -184,11 +201,11 @@ def sample_vp_pc_algorithm3(score_fn: Callable, x_init: Tensor, n_steps: int, *,
         t_next = as_time(float(ts[i + 1]), x)  # time of x_{i+1}
         beta = expand_like(sde.discrete_beta(t_next, dt), x)  # beta_{i+1}
         x = (2 - torch.sqrt(1 - beta)) * x + beta * score_fn(x, t_next, **cond)  # 3: predictor
-        z = _noise(x, generator)  # 4
+        z = gaussian_like(x, generator)  # 4
         x = x + torch.sqrt(beta) * z  # 5
         t_i = as_time(float(ts[i]), x)
         for _ in range(m):  # 6: corrector
-            z = _noise(x, generator)  # 7
+            z = gaussian_like(x, generator)  # 7
             s = score_fn(x, t_i, **cond)
             eps = snr_step_size(s, z, snr)  # eps_i
             x = x + eps * s + torch.sqrt(2 * eps) * z  # 8
@@ -209,7 +226,7 @@ def langevin_dynamics(score_fn: Callable[[Tensor], Tensor], x_init: Tensor, *, s
         raise ValueError(f"expected step_size > 0; got {step_size}")
     x = x_init
     for i in range(n_steps):
-        x = x + step_size * score_fn(x) + math.sqrt(2 * step_size) * _noise(x, generator)
+        x = x + step_size * score_fn(x) + math.sqrt(2 * step_size) * gaussian_like(x, generator)
         if callback is not None:
             callback(SamplerStep(i=i, t=float("nan"), x=x))
     return x
