@@ -1,6 +1,7 @@
 """Discrete-time and accelerated samplers for any Gaussian path x_t = alpha_t x_0 + sigma_t eps:
 DDPM ancestral sampling, DDIM (Song, Meng & Ermon 2021) with eta in [0, 1], DDIM inversion, and
-DPM-Solver-1/2 (Lu et al. 2022), with uniform, quadratic and log-SNR time grids.
+DPM-Solver-1/2 (Lu et al. 2022) and DPM-Solver++(2M) (Lu et al. 2023), with uniform, quadratic,
+power and log-SNR time grids.
 
 Notation for one step from t to s < t: alpha_t, sigma_t; lambda_t = log(alpha_t / sigma_t) (half
 the log-SNR); h = lambda_s - lambda_t > 0; eps_hat = -sigma_t * score(x_t, t) and
@@ -16,6 +17,15 @@ eta = 1 is DDPM's ancestral step.
 DPM-Solver-1 (= DDIM): x_s = (alpha_s / alpha_t) x_t - sigma_s (e^h - 1) eps_hat(x_t, t).
 DPM-Solver-2 (Algorithm 1 of Lu et al., r = 1/2): u = DPM-Solver-1 from t to the midpoint m
 with lambda_m = lambda_t + h/2, then x_s = (alpha_s / alpha_t) x_t - sigma_s (e^h - 1) eps_hat(u, m).
+
+DPM-Solver++(2M) (Algorithm 2 of Lu et al. 2023) integrates the same ODE written for the data
+prediction x0_hat, and reuses the previous step's prediction instead of a second evaluation (one
+NFE per step, second order):
+    x_s = (sigma_s / sigma_t) x_t - alpha_s (e^{-h} - 1) D,
+    D = x0_hat_t                                            (first step)
+    D = (1 + 1/(2r)) x0_hat_t - 1/(2r) x0_hat_prev,  r = h_prev / h   (later steps).
+Because x0_hat stays bounded where eps_hat is stiff (small t), it tolerates coarse grids better
+than the noise-prediction solvers; benchmarks/bench_04_fast_sampling.py measures by how much.
 """
 
 from __future__ import annotations
@@ -42,10 +52,11 @@ __all__ = [
     "sample_ddim",
     "sample_ddpm",
     "sample_dpm_solver_2",
+    "sample_dpm_solver_pp_2m",
     "ddim_invert",
 ]
 
-GRIDS = ("uniform", "quadratic", "logsnr")
+GRIDS = ("uniform", "quadratic", "power", "logsnr")
 
 
 def log_snr(path: GaussianPath, t: Tensor) -> Tensor:
@@ -65,15 +76,20 @@ def time_from_log_snr(path: GaussianPath, lam: Tensor, *, iters: int = 80) -> Te
 
 
 def sampling_grid(n_steps: int, *, path: GaussianPath | None = None, kind: str = "uniform",
-                  t_min: float = 1e-3, t_max: float = 1.0) -> Tensor:
+                  t_min: float = 1e-3, t_max: float = 1.0, power: float = 2.0) -> Tensor:
     """Decreasing grid t_max = t_N > ... > t_0 = t_min (float64): uniform in t, quadratic in t
-    (denser near the data), or uniform in log-SNR (needs ``path``; DPM-Solver's choice)."""
+    (denser near the data), ``power`` (t - t_min proportional to u**power for uniform u; power 2 is
+    the quadratic grid), or uniform in log-SNR (needs ``path``; DPM-Solver's choice)."""
     n_steps = check_positive_int(n_steps, "n_steps")
+    if not 0.0 <= t_min < t_max <= 1.0:
+        raise ValueError(f"expected 0 <= t_min < t_max <= 1; got t_min={t_min}, t_max={t_max}")
     u = torch.linspace(1.0, 0.0, n_steps + 1, dtype=torch.float64)
     if kind == "uniform":
         return t_min + (t_max - t_min) * u
-    if kind == "quadratic":
-        return t_min + (t_max - t_min) * u**2
+    if kind in ("quadratic", "power"):
+        if kind == "power" and not power >= 1.0:
+            raise ValueError(f"expected power >= 1 for the power grid; got {power}")
+        return t_min + (t_max - t_min) * u ** (2.0 if kind == "quadratic" else power)
     if kind == "logsnr":
         if path is None:
             raise ValueError("the log-SNR grid needs the path")
@@ -174,6 +190,33 @@ def sample_dpm_solver_2(score_fn: Callable, x_init: Tensor, ts: Tensor, *, path:
         x = dpm_solver_2_step(x, grid[i], grid[i + 1], eps_fn, path)
         if callback is not None:
             callback(SamplerStep(i=i, t=grid[i + 1], x=x))
+    return x
+
+
+def sample_dpm_solver_pp_2m(score_fn: Callable, x_init: Tensor, ts: Tensor, *, path: GaussianPath,
+                            callback: Callable | None = None, **cond) -> Tensor:
+    """DPM-Solver++(2M) over the decreasing grid ``ts`` (one NFE per step; the first step is
+    first order, i.e. DDIM)."""
+    check_batch(x_init, name="x_init")
+    grid, eps_fn, x = check_decreasing_grid(ts), _eps_fn(score_fn, path, cond), x_init
+    lam = log_snr(path, torch.as_tensor(grid, dtype=torch.float64)).tolist()
+    x0_prev = None
+    for i in range(len(grid) - 1):
+        t, s = grid[i], grid[i + 1]
+        tt = as_time(t, x)
+        x0_hat = eps_to_x0(eps_fn(x, tt), x, tt, path)
+        h = lam[i + 1] - lam[i]
+        if x0_prev is None or not math.isfinite(h):  # first step, or a last step to sigma = 0
+            d = x0_hat
+        else:
+            r = (lam[i] - lam[i - 1]) / h
+            d = (1 + 1 / (2 * r)) * x0_hat - (1 / (2 * r)) * x0_prev
+        _, s_t = _coeffs(path, t, x)
+        a_s, s_s = _coeffs(path, s, x)
+        x = (s_s / s_t) * x - a_s * math.expm1(-h) * d
+        x0_prev = x0_hat
+        if callback is not None:
+            callback(SamplerStep(i=i, t=s, x=x))
     return x
 
 
