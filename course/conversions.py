@@ -1,32 +1,68 @@
 """Conversions between what a network predicts, for any Gaussian path x_t = alpha x_0 + sigma eps.
 
 This is the only place these identities live (round-trip tested in float64). With
-alpha = alpha(t) and sigma = sigma(t), for the Gaussian conditional p(x_t | x_0):
+alpha = alpha(t), sigma = sigma(t) and their time derivatives alpha', sigma', for the Gaussian
+conditional p(x_t | x_0):
 
-    score = grad log p_t(x_t | x_0) = -eps / sigma
-    x_0   = (x_t - sigma eps) / alpha
-    eps   = (x_t - alpha x_0) / sigma
+    score    = grad log p_t(x_t | x_0) = -eps / sigma
+    x_0      = (x_t - sigma eps) / alpha
+    eps      = (x_t - alpha x_0) / sigma
+    velocity = d/dt x_t = alpha' x_0 + sigma' eps              (flow matching's target)
+    v        = alpha eps - sigma x_0                           (Salimans & Ho's v-prediction)
 
 For the marginal p_t the same identities hold with eps and x_0 replaced by their posterior means
 E[eps | x_t] and E[x_0 | x_t] (Tweedie's formula), which is what a network trained by denoising
-regresses onto.
+regresses onto; the marginal velocity alpha' E[x_0 | x_t] + sigma' E[eps | x_t] is the drift of
+the probability-flow ODE, so a score model can be sampled as a flow and a flow model as an SDE.
+
+Every prediction is taken to the pair (x_0, eps) by solving the 2x2 linear system it forms with
+x_t = alpha x_0 + sigma eps; only the half that the target needs is computed, so that e.g. a
+velocity converts to eps at t = 1 of the linear path, where alpha = 0. (Where the system is
+singular the prediction carries no information: eps says nothing about x_0 when alpha = 0.)
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from torch import Tensor
 
 from .paths import GaussianPath
 from .utils import as_time, expand_like
 
-__all__ = ["PREDICTIONS", "eps_to_score", "score_to_eps", "eps_to_x0", "x0_to_eps", "convert", "as_score_fn"]
+__all__ = [
+    "PREDICTIONS",
+    "check_prediction",
+    "eps_to_score",
+    "score_to_eps",
+    "eps_to_x0",
+    "x0_to_eps",
+    "to_eps",
+    "to_x0",
+    "convert",
+    "as_score_fn",
+    "as_velocity_fn",
+    "as_prediction_fn",
+]
 
-PREDICTIONS = ("score", "eps", "x0")
+PREDICTIONS = ("score", "eps", "x0", "velocity", "v")
 
 
 def _coefficients(path: GaussianPath, x: Tensor, t) -> tuple[Tensor, Tensor]:
     t = as_time(t, x)
     return expand_like(path.alpha(t), x), expand_like(path.sigma(t), x)
+
+
+def _derivatives(path: GaussianPath, x: Tensor, t) -> tuple[Tensor, Tensor]:
+    t = as_time(t, x)
+    return expand_like(path.d_alpha(t), x), expand_like(path.d_sigma(t), x)
+
+
+def check_prediction(name: str) -> str:
+    """Return ``name`` if it is one of PREDICTIONS, else raise a ValueError listing them."""
+    if name not in PREDICTIONS:
+        raise ValueError(f"unknown prediction {name!r}; expected one of {', '.join(PREDICTIONS)}")
+    return name
 
 
 def eps_to_score(eps: Tensor, x_t: Tensor, t, path: GaussianPath) -> Tensor:
@@ -53,33 +89,71 @@ def x0_to_eps(x0: Tensor, x_t: Tensor, t, path: GaussianPath) -> Tensor:
     return (x_t - alpha * x0) / sigma
 
 
-def convert(value: Tensor, source: str, target: str, x_t: Tensor, t, path: GaussianPath) -> Tensor:
-    """Convert a prediction between ``"score"``, ``"eps"`` and ``"x0"`` (through eps)."""
-    for name in (source, target):
-        if name not in PREDICTIONS:
-            raise ValueError(f"unknown prediction {name!r}; expected one of {', '.join(PREDICTIONS)}")
-    if source == target:
+def to_eps(value: Tensor, source: str, x_t: Tensor, t, path: GaussianPath) -> Tensor:
+    """The eps that a ``source`` prediction implies at (x_t, t)."""
+    if check_prediction(source) == "eps":
         return value
     if source == "score":
-        value = score_to_eps(value, x_t, t, path)
-    elif source == "x0":
-        value = x0_to_eps(value, x_t, t, path)
+        return score_to_eps(value, x_t, t, path)
+    if source == "x0":
+        return x0_to_eps(value, x_t, t, path)
+    alpha, sigma = _coefficients(path, x_t, t)
+    if source == "velocity":  # solve x = a x0 + s eps, u = a' x0 + s' eps for eps
+        d_alpha, d_sigma = _derivatives(path, x_t, t)
+        return (alpha * value - d_alpha * x_t) / (alpha * d_sigma - d_alpha * sigma)
+    return (sigma * x_t + alpha * value) / (alpha**2 + sigma**2)  # v = a eps - s x0
+
+
+def to_x0(value: Tensor, source: str, x_t: Tensor, t, path: GaussianPath) -> Tensor:
+    """The x_0 that a ``source`` prediction implies at (x_t, t)."""
+    if check_prediction(source) == "x0":
+        return value
+    if source in ("eps", "score"):
+        return eps_to_x0(to_eps(value, source, x_t, t, path), x_t, t, path)
+    alpha, sigma = _coefficients(path, x_t, t)
+    if source == "velocity":
+        d_alpha, d_sigma = _derivatives(path, x_t, t)
+        return (d_sigma * x_t - sigma * value) / (alpha * d_sigma - d_alpha * sigma)
+    return (alpha * x_t - sigma * value) / (alpha**2 + sigma**2)
+
+
+def convert(value: Tensor, source: str, target: str, x_t: Tensor, t, path: GaussianPath) -> Tensor:
+    """Convert a prediction between ``"score"``, ``"eps"``, ``"x0"``, ``"velocity"`` and ``"v"``."""
+    check_prediction(source), check_prediction(target)
+    if source == target:
+        return value
+    if target == "eps":
+        return to_eps(value, source, x_t, t, path)
     if target == "score":
-        return eps_to_score(value, x_t, t, path)
+        return eps_to_score(to_eps(value, source, x_t, t, path), x_t, t, path)
     if target == "x0":
-        return eps_to_x0(value, x_t, t, path)
-    return value
+        return to_x0(value, source, x_t, t, path)
+    x0, eps = to_x0(value, source, x_t, t, path), to_eps(value, source, x_t, t, path)
+    if target == "velocity":
+        d_alpha, d_sigma = _derivatives(path, x_t, t)
+        return d_alpha * x0 + d_sigma * eps
+    alpha, sigma = _coefficients(path, x_t, t)
+    return alpha * eps - sigma * x0
 
 
-def as_score_fn(model, path: GaussianPath, prediction: str = "eps"):
-    """Wrap a network that predicts ``prediction`` into a score function ``score(x, t, **cond)``.
+def as_prediction_fn(model, path: GaussianPath, source: str, target: str) -> Callable:
+    """Wrap a network that predicts ``source`` into a callable ``f(x, t, **cond)`` returning
+    ``target``: this is where a network's parameterisation is adapted to a sampler."""
+    check_prediction(source), check_prediction(target)
 
-    Samplers take score functions; this is where a network's parameterisation is adapted.
-    """
-    if prediction not in PREDICTIONS:
-        raise ValueError(f"unknown prediction {prediction!r}; expected one of {', '.join(PREDICTIONS)}")
+    def fn(x: Tensor, t: Tensor, **cond) -> Tensor:
+        return convert(model(x, t, **cond), source, target, x, t, path)
 
-    def score_fn(x: Tensor, t: Tensor, **cond) -> Tensor:
-        return convert(model(x, t, **cond), prediction, "score", x, t, path)
+    return fn
 
-    return score_fn
+
+def as_score_fn(model, path: GaussianPath, prediction: str = "eps") -> Callable:
+    """Wrap a network that predicts ``prediction`` into a score function ``score(x, t, **cond)``
+    (the SDE and ODE samplers of chapters 02-04 take score functions)."""
+    return as_prediction_fn(model, path, prediction, "score")
+
+
+def as_velocity_fn(model, path: GaussianPath, prediction: str = "eps") -> Callable:
+    """Wrap a network that predicts ``prediction`` into a velocity field ``v(x, t, **cond)``
+    (the flow-matching samplers of chapter 05 take velocity fields)."""
+    return as_prediction_fn(model, path, prediction, "velocity")

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .conversions import PREDICTIONS, convert
+from .conversions import check_prediction, convert
 from .paths import GaussianPath
 from .utils import as_time, check_batch, check_time_scalar
 
@@ -57,8 +57,7 @@ def dsm_loss_terms(model, x0: Tensor, t: Tensor, eps: Tensor, path: GaussianPath
     t = as_time(t, x0)
     if eps.shape != x0.shape:
         raise ValueError(f"expected eps of shape {tuple(x0.shape)}; got {tuple(eps.shape)}")
-    if prediction not in PREDICTIONS:
-        raise ValueError(f"unknown prediction {prediction!r}; expected one of {', '.join(PREDICTIONS)}")
+    check_prediction(prediction)
     x_t = path.sample(x0, t, eps=eps).x_t
     eps_hat = convert(model(x_t, t, **cond), prediction, "eps", x_t, t, path)
     sq = (eps_hat - eps).pow(2).flatten(1).mean(1)  # (B,)

@@ -30,6 +30,8 @@ from .sde import SDE
 from .utils import as_time, check_batch, check_positive_int, check_time_scalar
 
 __all__ = [
+    "sample_flow_euler",
+    "sample_flow_heun",
     "sample_ode_euler",
     "sample_ode_heun",
     "ODESolution",
@@ -48,34 +50,52 @@ def _velocity(sde: SDE, score_fn: Callable, cond: dict):
     return v
 
 
-def sample_ode_euler(score_fn: Callable, x_init: Tensor, ts: Tensor, *, sde: SDE,
-                     callback: Callable | None = None, **cond) -> Tensor:
-    """Euler's method on the probability-flow ODE over the grid ``ts`` (one NFE per step)."""
+def sample_flow_euler(velocity_fn: Callable, x_init: Tensor, ts: Tensor, *,
+                      callback: Callable | None = None, **cond) -> Tensor:
+    """Euler's method on dx/dt = velocity_fn(x, t, **cond) over the decreasing grid ``ts``
+    (one NFE per step). The ODE of any model: a flow model's velocity or a diffusion model's
+    probability-flow drift."""
     check_batch(x_init, name="x_init")
-    grid, v, x = check_decreasing_grid(ts), _velocity(sde, score_fn, cond), x_init
+    grid, x = check_decreasing_grid(ts), x_init
     for i in range(len(grid) - 1):
         t, dt = grid[i], grid[i + 1] - grid[i]  # dt < 0: backwards in time
-        x = x + v(x, as_time(t, x)) * dt
+        x = x + velocity_fn(x, as_time(t, x), **cond) * dt
         if callback is not None:
             callback(SamplerStep(i=i, t=grid[i + 1], x=x))
     return x
 
 
-def sample_ode_heun(score_fn: Callable, x_init: Tensor, ts: Tensor, *, sde: SDE,
-                    callback: Callable | None = None, **cond) -> Tensor:
-    """Heun's method (explicit trapezoid, 2nd order) on the probability-flow ODE: two NFE per
-    step (Karras et al. 2022, Algorithm 1 without churn)."""
+def sample_flow_heun(velocity_fn: Callable, x_init: Tensor, ts: Tensor, *,
+                     callback: Callable | None = None, **cond) -> Tensor:
+    """Heun's method (explicit trapezoid, 2nd order) on dx/dt = velocity_fn(x, t, **cond): two NFE
+    per step (Karras et al. 2022, Algorithm 1 without churn). As there, a last step that ends at
+    t = 0 is an Euler step, because a field need not be defined at t = 0 (2N - 1 NFE then)."""
     check_batch(x_init, name="x_init")
-    grid, v, x = check_decreasing_grid(ts), _velocity(sde, score_fn, cond), x_init
+    grid, x = check_decreasing_grid(ts), x_init
     for i in range(len(grid) - 1):
         t, t_next = grid[i], grid[i + 1]
         dt = t_next - t
-        d = v(x, as_time(t, x))
+        d = velocity_fn(x, as_time(t, x), **cond)
         x_euler = x + d * dt
-        x = x + 0.5 * (d + v(x_euler, as_time(t_next, x))) * dt
+        if t_next == 0.0:
+            x = x_euler
+        else:
+            x = x + 0.5 * (d + velocity_fn(x_euler, as_time(t_next, x), **cond)) * dt
         if callback is not None:
             callback(SamplerStep(i=i, t=t_next, x=x))
     return x
+
+
+def sample_ode_euler(score_fn: Callable, x_init: Tensor, ts: Tensor, *, sde: SDE,
+                     callback: Callable | None = None, **cond) -> Tensor:
+    """Euler's method on the probability-flow ODE over the grid ``ts`` (one NFE per step)."""
+    return sample_flow_euler(_velocity(sde, score_fn, cond), x_init, ts, callback=callback)
+
+
+def sample_ode_heun(score_fn: Callable, x_init: Tensor, ts: Tensor, *, sde: SDE,
+                    callback: Callable | None = None, **cond) -> Tensor:
+    """Heun's method on the probability-flow ODE (``sample_flow_heun``): two NFE per step."""
+    return sample_flow_heun(_velocity(sde, score_fn, cond), x_init, ts, callback=callback)
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,14 @@
 """The one Gaussian-path core: x_t = alpha(t) * x_0 + sigma(t) * eps, with eps ~ N(0, I).
 
 Every forward process of the course is an instance: the VE, VP and sub-VP SDEs of
-Song et al. (2021) (``course.sde``) and, later, the flow-matching paths. Time runs from
-t = 0 (data: alpha = 1, sigma = 0) to t = 1 (noise).
+Song et al. (2021) (``course.sde``) and the flow-matching paths (``LinearPath`` here, the
+rectified-flow / conditional-OT path). Time runs from t = 0 (data: alpha = 1, sigma = 0) to
+t = 1 (noise).
+
+The time derivatives alpha'(t) and sigma'(t) give the conditional velocity
+d/dt x_t = alpha'(t) x_0 + sigma'(t) eps that flow matching regresses onto. They default to
+float64 autograd through ``alpha`` and ``sigma`` (exact, never finite differences); paths with
+simple formulas override them.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from torch import Tensor
 
 from .utils import as_time, expand_like
 
-__all__ = ["GaussianPath", "PathSample"]
+__all__ = ["GaussianPath", "PathSample", "LinearPath"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +48,32 @@ class GaussianPath(ABC):
     @abstractmethod
     def sigma(self, t: Tensor) -> Tensor:
         """Noise standard deviation sigma(t) of x_t given x_0."""
+
+    def d_alpha(self, t: Tensor) -> Tensor:
+        """alpha'(t), elementwise; by float64 autograd unless a subclass overrides it."""
+        return _derivative(self.alpha, t)
+
+    def d_sigma(self, t: Tensor) -> Tensor:
+        """sigma'(t), elementwise; by float64 autograd unless a subclass overrides it."""
+        return _derivative(self.sigma, t)
+
+    def prior_std(self) -> float:
+        """Standard deviation of the prior N(0, prior_std^2 I) that stands in for p_1."""
+        return float(self.sigma(torch.tensor(1.0, dtype=torch.float64)))
+
+    def prior_sample(
+        self,
+        shape: tuple[int, ...],
+        *,
+        generator: torch.Generator | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> Tensor:
+        """Draw x_1 ~ N(0, prior_std^2 I) of the given shape ``(B, ...)``."""
+        if len(shape) < 1 or any(int(s) < 1 for s in shape):
+            raise ValueError(f"expected a shape (B, ...) of positive sizes; got {tuple(shape)}")
+        z = torch.randn(tuple(shape), generator=generator, dtype=dtype, device=device)
+        return self.prior_std() * z
 
     def marginal(self, x0: Tensor, t: Tensor | float) -> tuple[Tensor, Tensor]:
         """Mean and standard deviation of x_t given x_0.
@@ -71,3 +103,46 @@ class GaussianPath(ABC):
             raise ValueError(f"expected eps of shape {tuple(x0.shape)}; got {tuple(eps.shape)}")
         mean, std = self.marginal(x0, t)
         return PathSample(x_t=mean + expand_like(std, x0) * eps, t=t, x_0=x0, eps=eps)
+
+
+def _derivative(fn, t: Tensor) -> Tensor:
+    """d fn(t) / dt elementwise for an elementwise ``fn``, computed in float64 by autograd."""
+    t = torch.as_tensor(t)
+    with torch.enable_grad():
+        tt = t.detach().to(torch.float64).requires_grad_(True)
+        out = fn(tt)
+        if not out.requires_grad:  # a constant, e.g. alpha = 1 for VE
+            return torch.zeros_like(t, dtype=t.dtype if t.is_floating_point() else torch.float64)
+        (grad,) = torch.autograd.grad(out.sum(), tt)
+    return grad.to(t.dtype) if t.is_floating_point() else grad
+
+
+@dataclass(frozen=True)
+class LinearPath(GaussianPath):
+    """The linear (rectified-flow, conditional optimal-transport) path
+    x_t = (1 - t) x_0 + (sigma_min + (1 - sigma_min) t) eps.
+
+    With ``sigma_min = 0`` (the default, as in rectified flow and Stable Diffusion 3) it is the
+    straight line from data to noise and its conditional velocity is eps - x_0. ``sigma_min > 0``
+    is Lipman et al.'s (2023) OT path, which keeps a little noise around each data point at
+    t = 0; alpha(1) = 0, so t = 1 is pure noise N(0, I).
+    """
+
+    sigma_min: float = 0.0
+    name = "linear"
+
+    def __post_init__(self):
+        if not 0.0 <= self.sigma_min < 1.0:
+            raise ValueError(f"expected 0 <= sigma_min < 1; got {self.sigma_min}")
+
+    def alpha(self, t: Tensor) -> Tensor:
+        return 1.0 - t
+
+    def sigma(self, t: Tensor) -> Tensor:
+        return self.sigma_min + (1.0 - self.sigma_min) * t
+
+    def d_alpha(self, t: Tensor) -> Tensor:
+        return -torch.ones_like(t)
+
+    def d_sigma(self, t: Tensor) -> Tensor:
+        return (1.0 - self.sigma_min) * torch.ones_like(t)

@@ -50,24 +50,6 @@ class SDE(GaussianPath):
     def diffusion(self, t: Tensor | float) -> Tensor:
         """Diffusion coefficient g(t), deterministic, same shape as ``t``."""
 
-    @abstractmethod
-    def prior_std(self) -> float:
-        """Standard deviation of the prior p_1 = N(0, prior_std^2 I)."""
-
-    def prior_sample(
-        self,
-        shape: tuple[int, ...],
-        *,
-        generator: torch.Generator | None = None,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str | None = None,
-    ) -> Tensor:
-        """Draw x_1 ~ N(0, prior_std^2 I) of the given shape ``(B, ...)``."""
-        if len(shape) < 1 or any(int(s) < 1 for s in shape):
-            raise ValueError(f"expected a shape (B, ...) of positive sizes; got {tuple(shape)}")
-        z = torch.randn(tuple(shape), generator=generator, dtype=dtype, device=device)
-        return self.prior_std() * z
-
     def prior_logp(self, z: Tensor) -> Tensor:
         """log N(z; 0, prior_std^2 I), summed over all but the batch dimension; shape ``(B,)``."""
         if z.ndim < 1:

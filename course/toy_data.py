@@ -134,11 +134,11 @@ class GaussianMixture(ToyDistribution):
         return within + (self.weights[:, None] * centred).T @ centred
 
     # ---- exact densities and scores of the perturbed marginals ------------------------------
-    def _log_prob_and_score(self, x: Tensor, alpha: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
-        """log p and grad log p of the mixture seen through x = alpha x_0 + sigma eps.
+    def _components(self, x: Tensor, alpha: Tensor, sigma: Tensor):
+        """Per-component quantities of the mixture seen through x = alpha x_0 + sigma eps.
 
-        p is the mixture with components N(alpha mu_k, v_k I), v_k = alpha^2 s_k^2 + sigma^2, so
-        grad log p(x) = sum_k r_k(x) (alpha mu_k - x) / v_k with r_k the posterior of component k.
+        p is the mixture with components N(alpha mu_k, v_k I), v_k = alpha^2 s_k^2 + sigma^2.
+        Returns ``(log_joint (B, K), diff = alpha mu_k - x (B, K, D), var = v_k (B, K), a (B, 1, 1))``.
         """
         check_batch(x, trailing=(self.dim,))
         means = self.means.to(x)  # (K, D)
@@ -146,10 +146,27 @@ class GaussianMixture(ToyDistribution):
         var = a[..., 0] ** 2 * self.stds.to(x) ** 2 + sigma.to(x).reshape(-1, 1) ** 2  # (B, K)
         diff = a * means - x[:, None, :]  # (B, K, D): alpha mu_k - x
         log_n = -0.5 * self.dim * torch.log(2 * math.pi * var) - diff.pow(2).sum(-1) / (2 * var)
-        log_joint = torch.log(self.weights.to(x)) + log_n  # (B, K)
+        return torch.log(self.weights.to(x)) + log_n, diff, var, a
+
+    def _log_prob_and_score(self, x: Tensor, alpha: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
+        """log p and grad log p(x) = sum_k r_k(x) (alpha mu_k - x) / v_k, with r_k the posterior
+        of component k."""
+        log_joint, diff, var, _ = self._components(x, alpha, sigma)
         resp = torch.softmax(log_joint, dim=1)  # (B, K) posterior over components
         score = (resp[..., None] * diff / var[..., None]).sum(1)  # (B, D)
         return torch.logsumexp(log_joint, dim=1), score
+
+    def posterior_mean(self, x: Tensor, t: Tensor | float, path: GaussianPath) -> Tensor:
+        """E[x_0 | x_t = x] in closed form: sum_k r_k(x) (mu_k + alpha s_k^2 / v_k (x - alpha mu_k)).
+
+        Finite wherever v_k > 0, including alpha = 0 (where it is the data mean), which the
+        route through the score (x_0 = (x + sigma^2 score) / alpha) is not."""
+        t = as_time(t, x)
+        alpha, sigma = path.alpha(t), path.sigma(t)
+        log_joint, diff, var, a = self._components(x, alpha, sigma)
+        resp = torch.softmax(log_joint, dim=1)
+        comp = self.means.to(x) - a * self.stds.to(x)[None, :, None] ** 2 / var[..., None] * diff
+        return (resp[..., None] * comp).sum(1)
 
     def perturbed_log_prob(self, x: Tensor, t: Tensor | float, path: GaussianPath) -> Tensor:
         """log p_t(x) of the data pushed through ``path`` at time ``t``; shape ``(B,)``."""

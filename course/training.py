@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
 from .utils import check_positive, check_positive_int
@@ -36,6 +36,7 @@ class TrainConfig:
     batch_size: int = 512
     lr: float = 2e-3
     ema_decay: float = 0.999
+    ema_warmup: bool = True  # decay min(ema_decay, (1 + n) / (10 + n)) after n updates
     grad_clip: float | None = 1.0
     cosine_decay: bool = True
     eval_every: int = 0  # 0: never call eval_fn during training
@@ -76,6 +77,23 @@ def _batches(data, batch_size: int, generator, device) -> Callable[[], Tensor]:
                      f"got {type(data).__name__}")
 
 
+def ema_update(decay: float, *, warmup: bool = True) -> Callable:
+    """The in-place EMA update for ``AveragedModel(multi_avg_fn=...)``: avg <- d avg + (1 - d) p.
+
+    With ``warmup`` the decay after n updates is min(decay, (1 + n) / (10 + n)), as in common
+    diffusion training code, so that a short run's average is not dominated by the random
+    initial weights (with d = 0.999 and no warm-up, 1 000 steps leave them a weight of e^-1).
+    """
+
+    @torch.no_grad()
+    def update(averaged: list[Tensor], current: list[Tensor], num_averaged) -> None:
+        n = int(num_averaged)
+        d = min(decay, (1 + n) / (10 + n)) if warmup else decay
+        torch._foreach_lerp_(averaged, current, 1 - d)
+
+    return update
+
+
 def train(model: nn.Module, loss_fn: Callable, data, config: TrainConfig, *,
           generator: torch.Generator | None = None, device: torch.device | str | None = None,
           eval_fn: Callable[[nn.Module, int], object] | None = None,
@@ -89,7 +107,8 @@ def train(model: nn.Module, loss_fn: Callable, data, config: TrainConfig, *,
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(device).train()
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
+    ema = AveragedModel(model, multi_avg_fn=ema_update(config.ema_decay, warmup=config.ema_warmup),
+                        use_buffers=True)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, config.steps) if config.cosine_decay else None
     next_batch = _batches(data, config.batch_size, generator, device)

@@ -99,4 +99,4 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match=r"in \[0, 1\]"):
         dsm_loss_terms(lambda x, t: x, x0, torch.full((4,), 2.0), x0, VPSDE())
     with pytest.raises(ValueError, match="unknown prediction"):
-        dsm_loss(lambda x, t: x, x0, VPSDE(), prediction="v")
+        dsm_loss(lambda x, t: x, x0, VPSDE(), prediction="noise")

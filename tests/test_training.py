@@ -103,3 +103,21 @@ def test_time_mlp_shapes_and_validation():
         net(torch.randn(5, 2), torch.rand(4))
     with pytest.raises(ValueError, match="even"):
         SinusoidalTimeEmbedding(7)
+
+
+def test_ema_update_follows_the_warmup_schedule():
+    from course.training import ema_update
+
+    avg, expected = [torch.zeros(3)], torch.zeros(3)
+    update = ema_update(0.9, warmup=True)
+    for n in range(1, 40):
+        cur = torch.full((3,), float(n))
+        update(avg, [cur], torch.tensor(n))
+        d = min(0.9, (1 + n) / (10 + n))
+        expected = d * expected + (1 - d) * cur
+        torch.testing.assert_close(avg[0], expected)
+    plain, expected = [torch.zeros(1)], torch.zeros(1)
+    for n in range(1, 5):
+        ema_update(0.9, warmup=False)(plain, [torch.ones(1)], n)
+        expected = 0.9 * expected + 0.1
+    torch.testing.assert_close(plain[0], expected)

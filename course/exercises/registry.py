@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from . import ch01, ch02, ch03, ch04
+from . import ch01, ch02, ch03, ch04, ch05
 from .verdict import CheckResult
 
 __all__ = ["Exercise", "CHAPTERS", "get_exercise", "check", "run_checks"]
@@ -51,6 +51,14 @@ CHAPTERS: dict[str, tuple[Exercise, ...]] = {
     "04_fast_sampling": (
         Exercise("4.1", "one DDIM step", ("ddim_step",), ch04.check_ddim_step),
         Exercise("4.2", "one DPM-Solver-2 step", ("dpm_solver_2_step",), ch04.check_dpm_solver_2_step),
+    ),
+    "05_flow_matching": (
+        Exercise("5.1", "conditional path sample and target", ("conditional_flow",),
+                 ch05.check_conditional_flow),
+        Exercise("5.2", "the conditional flow-matching loss", ("cfm_loss",), ch05.check_cfm_loss),
+        Exercise("5.3", "velocity <-> score conversion", ("velocity_to_score", "score_to_velocity"),
+                 ch05.check_velocity_score),
+        Exercise("5.4", "minibatch OT coupling", ("ot_pair",), ch05.check_ot_pair),
     ),
 }
 
