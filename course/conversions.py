@@ -28,7 +28,6 @@ from collections.abc import Callable
 from torch import Tensor
 
 from .paths import GaussianPath
-from .utils import as_time, expand_like
 
 __all__ = [
     "PREDICTIONS",
@@ -48,16 +47,6 @@ __all__ = [
 PREDICTIONS = ("score", "eps", "x0", "velocity", "v")
 
 
-def _coefficients(path: GaussianPath, x: Tensor, t) -> tuple[Tensor, Tensor]:
-    t = as_time(t, x)
-    return expand_like(path.alpha(t), x), expand_like(path.sigma(t), x)
-
-
-def _derivatives(path: GaussianPath, x: Tensor, t) -> tuple[Tensor, Tensor]:
-    t = as_time(t, x)
-    return expand_like(path.d_alpha(t), x), expand_like(path.d_sigma(t), x)
-
-
 def check_prediction(name: str) -> str:
     """Return ``name`` if it is one of PREDICTIONS, else raise a ValueError listing them."""
     if name not in PREDICTIONS:
@@ -67,25 +56,25 @@ def check_prediction(name: str) -> str:
 
 def eps_to_score(eps: Tensor, x_t: Tensor, t, path: GaussianPath) -> Tensor:
     """score = -eps / sigma(t)."""
-    _, sigma = _coefficients(path, x_t, t)
+    _, sigma = path.coefficients(t, x_t)
     return -eps / sigma
 
 
 def score_to_eps(score: Tensor, x_t: Tensor, t, path: GaussianPath) -> Tensor:
     """eps = -sigma(t) * score."""
-    _, sigma = _coefficients(path, x_t, t)
+    _, sigma = path.coefficients(t, x_t)
     return -sigma * score
 
 
 def eps_to_x0(eps: Tensor, x_t: Tensor, t, path: GaussianPath) -> Tensor:
     """x_0 = (x_t - sigma(t) eps) / alpha(t)."""
-    alpha, sigma = _coefficients(path, x_t, t)
+    alpha, sigma = path.coefficients(t, x_t)
     return (x_t - sigma * eps) / alpha
 
 
 def x0_to_eps(x0: Tensor, x_t: Tensor, t, path: GaussianPath) -> Tensor:
     """eps = (x_t - alpha(t) x_0) / sigma(t)."""
-    alpha, sigma = _coefficients(path, x_t, t)
+    alpha, sigma = path.coefficients(t, x_t)
     return (x_t - alpha * x0) / sigma
 
 
@@ -97,9 +86,9 @@ def to_eps(value: Tensor, source: str, x_t: Tensor, t, path: GaussianPath) -> Te
         return score_to_eps(value, x_t, t, path)
     if source == "x0":
         return x0_to_eps(value, x_t, t, path)
-    alpha, sigma = _coefficients(path, x_t, t)
+    alpha, sigma = path.coefficients(t, x_t)
     if source == "velocity":  # solve x = a x0 + s eps, u = a' x0 + s' eps for eps
-        d_alpha, d_sigma = _derivatives(path, x_t, t)
+        d_alpha, d_sigma = path.derivatives(t, x_t)
         return (alpha * value - d_alpha * x_t) / (alpha * d_sigma - d_alpha * sigma)
     return (sigma * x_t + alpha * value) / (alpha**2 + sigma**2)  # v = a eps - s x0
 
@@ -110,9 +99,9 @@ def to_x0(value: Tensor, source: str, x_t: Tensor, t, path: GaussianPath) -> Ten
         return value
     if source in ("eps", "score"):
         return eps_to_x0(to_eps(value, source, x_t, t, path), x_t, t, path)
-    alpha, sigma = _coefficients(path, x_t, t)
+    alpha, sigma = path.coefficients(t, x_t)
     if source == "velocity":
-        d_alpha, d_sigma = _derivatives(path, x_t, t)
+        d_alpha, d_sigma = path.derivatives(t, x_t)
         return (d_sigma * x_t - sigma * value) / (alpha * d_sigma - d_alpha * sigma)
     return (alpha * x_t - sigma * value) / (alpha**2 + sigma**2)
 
@@ -130,9 +119,9 @@ def convert(value: Tensor, source: str, target: str, x_t: Tensor, t, path: Gauss
         return to_x0(value, source, x_t, t, path)
     x0, eps = to_x0(value, source, x_t, t, path), to_eps(value, source, x_t, t, path)
     if target == "velocity":
-        d_alpha, d_sigma = _derivatives(path, x_t, t)
+        d_alpha, d_sigma = path.derivatives(t, x_t)
         return d_alpha * x0 + d_sigma * eps
-    alpha, sigma = _coefficients(path, x_t, t)
+    alpha, sigma = path.coefficients(t, x_t)
     return alpha * eps - sigma * x0
 
 

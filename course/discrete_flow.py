@@ -81,7 +81,7 @@ def exact_posterior(q: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
 
     def posterior(x: Tensor, t: Tensor) -> Tensor:
         check_states(x, k)
-        t = as_time(t, q.expand(len(x), k)).reshape(-1, 1)
+        t = as_time(t, x.double()).reshape(-1, 1)
         like = t / k + (1 - t) * nn.functional.one_hot(x, k).double()
         joint = q * like
         return joint / joint.sum(1, keepdim=True)
@@ -107,8 +107,8 @@ def sample_jumps(posterior_fn: Callable[[Tensor, Tensor], Tensor], x_init: Tenso
     for i in range(len(grid) - 1):
         t, s = grid[i], grid[i + 1]
         probs = posterior_fn(x, as_time(t, x.double()), **cond)
-        k = probs.shape[1]
-        check_states(x, k, "x_init" if i == 0 else "x")
+        if i == 0:  # later states are drawn here, in 0..K-1
+            check_states(x, probs.shape[1], "x_init")
         target = torch.multinomial(probs.double(), 1, generator=generator).squeeze(1)
         jump = torch.rand(x.shape, generator=generator, dtype=torch.float64) < (t - s) / t
         x = torch.where(jump, target, x)

@@ -39,7 +39,7 @@ from torch import Tensor
 from .conversions import eps_to_x0, score_to_eps
 from .paths import GaussianPath
 from .samplers import SamplerStep, check_decreasing_grid, gaussian_like, step_to_time
-from .utils import as_time, check_batch, check_positive_int, expand_like
+from .utils import as_time, check_batch, check_positive_int
 
 __all__ = [
     "step_to_time",
@@ -101,11 +101,6 @@ def sampling_grid(n_steps: int, *, path: GaussianPath | None = None, kind: str =
     raise ValueError(f"unknown grid {kind!r}; expected one of {', '.join(GRIDS)}")
 
 
-def _coeffs(path: GaussianPath, t, x: Tensor) -> tuple[Tensor, Tensor]:
-    t = as_time(t, x)
-    return expand_like(path.alpha(t), x), expand_like(path.sigma(t), x)
-
-
 def ddim_step(x: Tensor, t, s, eps_hat: Tensor, path: GaussianPath, *, eta: float = 0.0,
               z: Tensor | None = None) -> Tensor:
     """One DDIM step from time t to time s given the noise prediction at (x, t).
@@ -114,8 +109,8 @@ def ddim_step(x: Tensor, t, s, eps_hat: Tensor, path: GaussianPath, *, eta: floa
     """
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"expected eta in [0, 1]; got {eta}")
-    a_t, s_t = _coeffs(path, t, x)
-    a_s, s_s = _coeffs(path, s, x)
+    a_t, s_t = path.coefficients(t, x)
+    a_s, s_s = path.coefficients(s, x)
     x0_hat = eps_to_x0(eps_hat, x, as_time(t, x), path)
     c = eta * s_s * torch.sqrt((1 - (a_t * s_s) ** 2 / (a_s * s_t) ** 2).clamp_min(0.0))
     out = a_s * x0_hat + torch.sqrt(s_s**2 - c**2) * eps_hat
@@ -129,8 +124,8 @@ def ddim_step(x: Tensor, t, s, eps_hat: Tensor, path: GaussianPath, *, eta: floa
 def dpm_solver_1_step(x: Tensor, t, s, eps_hat: Tensor, path: GaussianPath) -> Tensor:
     """x_s = (alpha_s / alpha_t) x_t - sigma_s (e^h - 1) eps_hat: the exponential integrator of
     order 1, algebraically the same as DDIM with eta = 0."""
-    a_t, s_t = _coeffs(path, t, x)
-    a_s, s_s = _coeffs(path, s, x)
+    a_t, s_t = path.coefficients(t, x)
+    a_s, s_s = path.coefficients(s, x)
     h = torch.log(a_s / s_s) - torch.log(a_t / s_t)
     return (a_s / a_t) * x - s_s * torch.expm1(h) * eps_hat
 
@@ -143,8 +138,8 @@ def dpm_solver_2_step(x: Tensor, t: float, s: float, eps_fn: Callable[[Tensor, T
     lam_t, lam_s = log_snr(path, tt), log_snr(path, ss)
     m = float(time_from_log_snr(path, (lam_t + lam_s) / 2))
     u = dpm_solver_1_step(x, t, m, eps_fn(x, as_time(t, x)), path)
-    a_t, _ = _coeffs(path, t, x)
-    a_s, s_s = _coeffs(path, s, x)
+    a_t, _ = path.coefficients(t, x)
+    a_s, s_s = path.coefficients(s, x)
     h = (lam_s - lam_t).item()
     return (a_s / a_t) * x - s_s * math.expm1(h) * eps_fn(u, as_time(m, x))
 
@@ -211,8 +206,8 @@ def sample_dpm_solver_pp_2m(score_fn: Callable, x_init: Tensor, ts: Tensor, *, p
         else:
             r = (lam[i] - lam[i - 1]) / h
             d = (1 + 1 / (2 * r)) * x0_hat - (1 / (2 * r)) * x0_prev
-        _, s_t = _coeffs(path, t, x)
-        a_s, s_s = _coeffs(path, s, x)
+        _, s_t = path.coefficients(t, x)
+        a_s, s_s = path.coefficients(s, x)
         x = (s_s / s_t) * x - a_s * math.expm1(-h) * d
         x0_prev = x0_hat
         if callback is not None:

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from .conversions import convert
+from .ode import sample_flow_euler
 from .paths import GaussianPath
 from .samplers import SamplerStep, check_decreasing_grid, gaussian_like
 from .toy_data import GaussianMixture
@@ -98,8 +99,8 @@ def conditional_velocity(path: GaussianPath, x0: Tensor, eps: Tensor, t) -> Tens
     check_batch(x0, name="x0")
     if eps.shape != x0.shape:
         raise ValueError(f"expected eps of shape {tuple(x0.shape)}; got {tuple(eps.shape)}")
-    t = as_time(t, x0)
-    return expand_like(path.d_alpha(t), x0) * x0 + expand_like(path.d_sigma(t), x0) * eps
+    d_alpha, d_sigma = path.derivatives(t, x0)
+    return d_alpha * x0 + d_sigma * eps
 
 
 def oracle_velocity(data: GaussianMixture, path: GaussianPath) -> Callable[[Tensor, Tensor], Tensor]:
@@ -171,8 +172,6 @@ def reflow_pairs(velocity_fn: Callable, noise: Tensor, ts: Tensor, *,
     """One rectified-flow step (Liu et al. 2023): push ``noise`` through the flow's ODE to data
     and return the coupled pairs ``(x0, noise)``; training on them (``cfm_loss(..., eps=noise)``
     with the matching ``x0``) straightens the flow."""
-    from .ode import sample_flow_euler
-
     sampler = sample_flow_euler if sampler is None else sampler
     with torch.no_grad():
         x0 = sampler(velocity_fn, noise, ts, **cond)

@@ -57,6 +57,16 @@ class GaussianPath(ABC):
         """sigma'(t), elementwise; by float64 autograd unless a subclass overrides it."""
         return _derivative(self.sigma, t)
 
+    def coefficients(self, t: Tensor | float, x: Tensor) -> tuple[Tensor, Tensor]:
+        """alpha(t) and sigma(t) reshaped to broadcast against ``x`` (``t``: scalar or ``(B,)``)."""
+        t = as_time(t, x)
+        return expand_like(self.alpha(t), x), expand_like(self.sigma(t), x)
+
+    def derivatives(self, t: Tensor | float, x: Tensor) -> tuple[Tensor, Tensor]:
+        """alpha'(t) and sigma'(t) reshaped to broadcast against ``x``."""
+        t = as_time(t, x)
+        return expand_like(self.d_alpha(t), x), expand_like(self.d_sigma(t), x)
+
     def prior_std(self) -> float:
         """Standard deviation of the prior N(0, prior_std^2 I) that stands in for p_1."""
         return float(self.sigma(torch.tensor(1.0, dtype=torch.float64)))
@@ -106,15 +116,17 @@ class GaussianPath(ABC):
 
 
 def _derivative(fn, t: Tensor) -> Tensor:
-    """d fn(t) / dt elementwise for an elementwise ``fn``, computed in float64 by autograd."""
+    """d fn(t) / dt elementwise for an elementwise ``fn``, computed in float64 by autograd and
+    returned in the dtype of ``t`` (float64 for integer input)."""
     t = torch.as_tensor(t)
+    dtype = t.dtype if t.is_floating_point() else torch.float64
     with torch.enable_grad():
         tt = t.detach().to(torch.float64).requires_grad_(True)
         out = fn(tt)
         if not out.requires_grad:  # a constant, e.g. alpha = 1 for VE
-            return torch.zeros_like(t, dtype=t.dtype if t.is_floating_point() else torch.float64)
+            return torch.zeros_like(tt, dtype=dtype)
         (grad,) = torch.autograd.grad(out.sum(), tt)
-    return grad.to(t.dtype) if t.is_floating_point() else grad
+    return grad.to(dtype)
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,6 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from course.exercises import check, run_checks
-from course.utils import expand_like
 from tests.notebook_code import notebook_functions
 from tests.test_exercises_ch01 import _assert_clean_failure
 
@@ -28,8 +27,7 @@ def test_stubs_fail_cleanly():
 
 
 def _coef(path, t, x):
-    return (expand_like(path.alpha(t), x), expand_like(path.sigma(t), x),
-            expand_like(path.d_alpha(t), x), expand_like(path.d_sigma(t), x))
+    return (*path.coefficients(t, x), *path.derivatives(t, x))
 
 
 def _flow(kind):

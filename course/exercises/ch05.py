@@ -56,8 +56,8 @@ def check_conditional_flow(conditional_flow: Callable, *, seed: int | None = Non
             if not isinstance(got, tuple) or len(got) != 2:
                 raise Mismatch(f"conditional_flow returned {type(got).__name__} {where}; expected a "
                                f"tuple (x_t, u_t)")
-            a, s = expand_like(path.alpha(t), x0), expand_like(path.sigma(t), x0)
-            da, ds = expand_like(path.d_alpha(t), x0), expand_like(path.d_sigma(t), x0)
+            a, s = path.coefficients(t, x0)
+            da, ds = path.derivatives(t, x0)
             compare("conditional_flow's x_t", got[0], a * x0 + s * eps, where=where, mistakes={
                 "puts the noise at t = 0 (Lipman's convention); in this course t = 0 is data":
                     s * x0 + a * eps,
@@ -87,7 +87,7 @@ def check_cfm_loss(cfm_loss: Callable, *, seed: int | None = None) -> CheckResul
             def model(x, tt, w=w):
                 return torch.tanh(w * x) - expand_like(tt, x) * x
 
-            a, s = expand_like(path.alpha(t), x0), expand_like(path.sigma(t), x0)
+            a, s = path.coefficients(t, x0)
             x_t = a * x0 + s * eps
             u = conditional_velocity(path, x0, eps, t)
             got = call_student(cfm_loss, "cfm_loss", model, x0.clone(), eps.clone(), t.clone(), path,
@@ -118,8 +118,8 @@ def check_velocity_score(velocity_to_score: Callable, score_to_velocity: Callabl
 
     def body() -> str:
         for path, _, x, v, t, where in _cases(gen):
-            a, s = expand_like(path.alpha(t), x), expand_like(path.sigma(t), x)
-            da, ds = expand_like(path.d_alpha(t), x), expand_like(path.d_sigma(t), x)
+            a, s = path.coefficients(t, x)
+            da, ds = path.derivatives(t, x)
             score = convert(v, "velocity", "score", x, t, path)
             got = call_student(velocity_to_score, "velocity_to_score", v.clone(), x.clone(), t.clone(), path,
                                where=where)
