@@ -1,4 +1,4 @@
-"""The ``course`` command line: ``build-exercises``, ``check`` and ``doctor``."""
+"""The ``course`` command line: ``build-exercises``, ``check``, ``grade`` and ``doctor``."""
 
 from __future__ import annotations
 
@@ -31,6 +31,13 @@ def _build_exercises(args) -> int:
     return 0
 
 
+def _limits(args):
+    from .exercises.runner import Limits
+
+    return Limits(notebook_timeout=args.timeout, cell_timeout=args.cell_timeout,
+                  check_timeout=args.check_timeout, memory_mb=args.memory_mb or None, fast=not args.full)
+
+
 def _check(args) -> int:
     from .exercises.runner import check_notebook
 
@@ -42,18 +49,44 @@ def _check(args) -> int:
             worst = max(worst, 2)
             continue
         print(f"Running {path} headless (this takes a little while)...", flush=True)
-        try:
-            report = check_notebook(path, cell_timeout=args.timeout, seed=args.seed)
-        except ValueError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            worst = max(worst, 2)
-            continue
+        report = check_notebook(path, seed=args.seed, limits=_limits(args))
         print(report.summary())
         if report.status != "graded":
             worst = max(worst, 2)
         elif report.score < report.max_score:
             worst = max(worst, 1)
     return worst
+
+
+def _grade(args) -> int:
+    from tqdm.auto import tqdm
+
+    from .exercises.grade import discover, grade_submissions, summary_table, write_results
+
+    try:
+        subs, notes = discover(args.submissions, args.chapters)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not subs:
+        print(f"error: no exercise notebooks found in {args.submissions}", file=sys.stderr)
+        return 2
+    for note in notes:
+        print(f"warning: {note}", file=sys.stderr)
+    students = len({s.student for s in subs})
+    chapters = sorted({s.chapter for s in subs})
+    print(f"Grading {students} student(s), chapter(s) {', '.join(chapters)}: {len(subs)} notebook(s)")
+    with tqdm(total=len(subs), unit="notebook", file=sys.stderr, disable=None) as bar:
+        def progress(sub, report):
+            bar.set_postfix_str(f"{sub.student}: {report.status}")
+            bar.update()
+
+        grades = grade_submissions(subs, limits=_limits(args), seed=args.seed, jobs=args.jobs,
+                                   progress=progress)
+    book = write_results(grades, args.out, notes)
+    print(summary_table(grades))
+    print(f"\nwrote {book} and {len(grades)} feedback file(s) in {Path(args.out) / 'feedback'}")
+    return 0
 
 
 def _doctor(args) -> int:
@@ -75,12 +108,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exercises", default="exercises", help="exercises folder (default: exercises)")
     p.set_defaults(func=_build_exercises)
 
-    p = sub.add_parser("check", help="run exercise notebooks headless and print each verdict")
+    def sandbox_options(p):
+        p.add_argument("--timeout", type=float, default=600,
+                       help="seconds for a whole notebook with its checks (default: 600)")
+        p.add_argument("--cell-timeout", type=float, default=120, help="seconds per code cell (default: 120)")
+        p.add_argument("--check-timeout", type=float, default=60, help="seconds per exercise check (default: 60)")
+        p.add_argument("--memory-mb", type=int, default=8192,
+                       help="address-space cap per notebook in MB, 0 for none (default: 8192)")
+        p.add_argument("--full", action="store_true",
+                       help="run notebooks in full mode (default: COURSE_FAST=1; points come only from the checks)")
+        p.add_argument("--seed", type=int, default=None,
+                       help="seed of the checks' random inputs (default: fresh each run)")
+
+    p = sub.add_parser("check", help="run exercise notebooks in the sandbox and print each verdict")
     p.add_argument("notebooks", nargs="+", help="exercise notebook(s) to check")
-    p.add_argument("--timeout", type=float, default=300, help="seconds per cell (default: 300)")
-    p.add_argument("--seed", type=int, default=None,
-                   help="seed of the checks' random inputs (default: fresh each run)")
+    sandbox_options(p)
     p.set_defaults(func=_check)
+
+    p = sub.add_parser("grade", help="grade a folder of submitted exercise notebooks (instructors)")
+    p.add_argument("submissions", help="folder with one sub-folder (or file-name prefix) per student")
+    p.add_argument("--out", default="grades", help="where gradebook.csv and feedback/ go (default: grades)")
+    p.add_argument("--chapters", nargs="+", default=None,
+                   help="chapters to grade, e.g. 01_forward_sdes (default: every chapter submitted)")
+    p.add_argument("--jobs", type=int, default=1, help="notebooks run at the same time (default: 1)")
+    sandbox_options(p)
+    p.set_defaults(func=_grade)
 
     p = sub.add_parser("doctor", help="check that this environment can run the course")
     p.set_defaults(func=_doctor)

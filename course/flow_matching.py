@@ -26,7 +26,8 @@ The "flow matching matrix" of the slides, in code:
     =========== =========================== ============================ ====================
 
 Couplings: the pairs (x_0, eps) can be drawn independently or matched by minibatch optimal
-transport (``ot_coupling``, exact assignment with SciPy's ``linear_sum_assignment``), or taken
+transport (``ot_coupling``, exact assignment with SciPy's ``linear_sum_assignment``; ``ot_pairs``
+precomputes such pairs block by block, once, so that training steps stay cheap), or taken
 from a trained flow's own ODE (``reflow_pairs``, one rectified-flow step); the latter two give
 straighter paths that need fewer steps.
 
@@ -46,7 +47,7 @@ from .ode import sample_flow_euler
 from .paths import GaussianPath
 from .samplers import SamplerStep, check_decreasing_grid, gaussian_like
 from .toy_data import GaussianMixture
-from .utils import as_time, check_batch, expand_like
+from .utils import as_time, check_batch, check_positive_int, expand_like
 
 __all__ = [
     "lipman_time",
@@ -57,6 +58,7 @@ __all__ = [
     "COUPLINGS",
     "independent_coupling",
     "ot_coupling",
+    "ot_pairs",
     "cfm_loss_terms",
     "cfm_loss",
     "reflow_pairs",
@@ -135,6 +137,21 @@ def ot_coupling(x0: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
     cost = torch.cdist(x0.detach().flatten(1).double(), eps.detach().flatten(1).double()) ** 2
     _, cols = linear_sum_assignment(cost.cpu().numpy())
     return x0, eps[torch.as_tensor(cols, device=eps.device)]
+
+
+def ot_pairs(x0: Tensor, eps: Tensor, *, block_size: int = 256) -> tuple[Tensor, Tensor]:
+    """A fixed training set of minibatch-OT pairs: ``x0`` and ``eps`` are cut into consecutive
+    blocks of ``block_size`` rows (the last may be shorter) and each block is matched exactly by
+    ``ot_coupling``. Computing the assignment once, before training, instead of at every step,
+    lets the training batch be larger than the OT block at the cost of a step of the independent
+    coupling (see ``benchmarks/bench_05_flow_matching.py``). Returns ``(x0, eps_matched)``; the
+    noise rows are only reordered, never changed."""
+    check_batch(x0, name="x0")
+    block_size = check_positive_int(block_size, "block_size")
+    if eps.shape != x0.shape:
+        raise ValueError(f"expected eps of shape {tuple(x0.shape)}; got {tuple(eps.shape)}")
+    matched = [ot_coupling(a, b)[1] for a, b in zip(x0.split(block_size), eps.split(block_size), strict=True)]
+    return x0, torch.cat(matched)
 
 
 def _couple(coupling: str, x0: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:

@@ -92,9 +92,9 @@ def test_solution_only_cells_are_dropped():
 
 def test_course_check_on_solution_and_stub(tmp_path):
     sol, ex = _copy_tree(tmp_path)
-    good = check_notebook(sol / "01_forward_sdes.ipynb", seed=0, cell_timeout=120)
+    good = check_notebook(sol / "01_forward_sdes.ipynb", seed=0)
     assert good.status == "graded" and (good.score, good.max_score) == (3, 3), good.summary()
-    stub = check_notebook(ex / "01_forward_sdes.ipynb", seed=0, cell_timeout=120)
+    stub = check_notebook(ex / "01_forward_sdes.ipynb", seed=0)
     assert stub.status == "graded" and stub.score == 0, stub.summary()
     assert all(r.status == "not attempted" for r in stub.results)
 

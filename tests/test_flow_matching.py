@@ -17,6 +17,7 @@ from course.flow_matching import (
     lipman_time,
     oracle_velocity,
     ot_coupling,
+    ot_pairs,
     reflow_pairs,
     sample_flow_sde,
     to_lipman,
@@ -190,6 +191,22 @@ def test_ot_coupling_is_the_cost_minimising_permutation_by_brute_force(gen):
     assert independent_coupling(x0, x0 + 1)[1] is not None
     with pytest.raises(ValueError, match="eps of shape"):
         ot_coupling(x0, torch.zeros(4, 3))
+
+
+def test_ot_pairs_match_each_block_optimally_and_only_reorder_noise(gen):
+    x0 = torch.randn(13, 2, generator=gen, dtype=torch.float64)
+    eps = torch.randn(13, 2, generator=gen, dtype=torch.float64)
+    a, b = ot_pairs(x0, eps, block_size=5)  # blocks of 5, 5 and 3 rows
+    assert torch.equal(a, x0) and b.shape == eps.shape
+    for lo, hi in [(0, 5), (5, 10), (10, 13)]:
+        xb, eb = x0[lo:hi], eps[lo:hi]
+        assert sorted(b[lo:hi].tolist()) == sorted(eb.tolist())  # noise stays in its own block
+        best = min(((xb - eb[list(p)]) ** 2).sum() for p in itertools.permutations(range(hi - lo)))
+        torch.testing.assert_close(((xb - b[lo:hi]) ** 2).sum(), best)
+    with pytest.raises(ValueError, match="block_size"):
+        ot_pairs(x0, eps, block_size=0)
+    with pytest.raises(ValueError, match="eps of shape"):
+        ot_pairs(x0, eps[:4])
 
 
 def test_cfm_loss_couplings_and_bad_arguments(gen):

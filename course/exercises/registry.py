@@ -82,13 +82,18 @@ def check(exercise_id: str, *functions: Callable, seed: int | None = None) -> Ch
     return ex.check(*functions, seed=seed)
 
 
-def run_checks(chapter: str, namespace: Mapping[str, object], *, seed: int | None = None
-               ) -> list[CheckResult]:
-    """Run every check of ``chapter`` on the functions found by name in ``namespace``."""
+def run_checks(chapter: str, namespace: Mapping[str, object], *, seed: int | None = None,
+               only: str | None = None) -> list[CheckResult]:
+    """Run every check of ``chapter`` (or only exercise ``only``, e.g. ``"1.2"``) on the
+    functions found by name in ``namespace``."""
     if chapter not in CHAPTERS:
         raise ValueError(f"unknown chapter {chapter!r}; expected one of {', '.join(CHAPTERS)}")
+    exercises = [ex for ex in CHAPTERS[chapter] if only is None or ex.id == only]
+    if not exercises:
+        raise ValueError(f"chapter {chapter} has no exercise {only!r}; it has "
+                         f"{', '.join(ex.id for ex in CHAPTERS[chapter])}")
     results = []
-    for ex in CHAPTERS[chapter]:
+    for ex in exercises:
         missing = [n for n in ex.names if not callable(namespace.get(n))]
         if missing:
             results.append(CheckResult(ex.id, ex.title, "error",

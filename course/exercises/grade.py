@@ -1,0 +1,262 @@
+"""``course grade``: grade a folder of submitted exercise notebooks.
+
+Layout of the submissions folder (both may be mixed)::
+
+    submissions/alice/01_forward_sdes.ipynb        one sub-folder per student, or
+    submissions/bob_01_forward_sdes.ipynb          <student><separator><chapter>.ipynb
+
+A notebook belongs to the chapter whose name (``01_forward_sdes``, ...) its file name contains,
+else to the chapter in its ``course.chapter`` metadata. The chapters graded are those given,
+else every chapter some student submitted; a student without a notebook for one of them gets
+"missing" and zero for its exercises.
+
+Every notebook runs in the sandbox of :mod:`course.exercises.runner` with fresh random check
+inputs. Outputs: ``gradebook.csv`` (a row per student: points per exercise, total, out of, and a
+status) and ``feedback/<student>.md`` (every verdict in the words ``course check`` prints).
+Points come from ``Exercise.points`` in :mod:`course.exercises.registry`, the one place they live.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import nbformat
+
+from .registry import CHAPTERS, Exercise
+from .runner import Limits, NotebookReport, check_notebook
+from .verdict import CheckResult
+
+__all__ = ["Submission", "StudentGrade", "discover", "grade_submissions", "gradebook_csv", "feedback_markdown",
+           "summary_table", "write_results"]
+
+_SEPARATORS = "_-. "
+
+
+@dataclass(frozen=True)
+class Submission:
+    """One notebook of one student (``path`` is None when the chapter is missing)."""
+
+    student: str
+    chapter: str
+    path: Path | None
+    ignored: tuple[Path, ...] = ()  # further notebooks for the same chapter, not graded
+
+
+@dataclass(frozen=True)
+class StudentGrade:
+    student: str
+    reports: tuple[NotebookReport, ...]  # one per graded chapter, in chapter order
+    ignored: tuple[str, ...] = ()  # notes about files that were not graded
+
+    def points(self) -> dict[str, float]:
+        """Points earned per exercise id."""
+        earned = {r.exercise: r.passed for rep in self.reports for r in rep.results}
+        return {ex.id: ex.points * earned.get(ex.id, False) for ex in _exercises(self.reports)}
+
+    @property
+    def total(self) -> float:
+        return sum(self.points().values())
+
+    @property
+    def status(self) -> str:
+        """"graded" when every notebook was graded; else "<chapter>: <status>" for each one that
+        was not (just the status when one chapter is graded)."""
+        bad = [rep for rep in self.reports if rep.status != "graded"]
+        if not bad:
+            return "graded"
+        if len(self.reports) == 1:
+            return bad[0].status
+        return "; ".join(f"{rep.chapter}: {rep.status}" for rep in bad)
+
+
+def _exercises(reports: Iterable[NotebookReport]) -> list[Exercise]:
+    return [ex for rep in reports for ex in CHAPTERS[rep.chapter]]
+
+
+def _chapter_in_name(stem: str) -> str | None:
+    found = [ch for ch in CHAPTERS if ch in stem]
+    return max(found, key=len) if found else None
+
+
+def _chapter_in_metadata(path: Path) -> str | None:
+    try:
+        chapter = nbformat.read(path, as_version=4).metadata.get("course", {}).get("chapter")
+    except Exception:  # noqa: BLE001 - unreadable: the runner reports it as an invalid notebook
+        return None
+    return chapter if chapter in CHAPTERS else None
+
+
+def _student_from_name(stem: str, chapter: str | None) -> str:
+    """"bob_01_forward_sdes (1)" -> "bob": the text before the chapter name (else after it)."""
+    if chapter and chapter in stem:
+        before, after = stem.split(chapter, 1)
+        return before.strip(_SEPARATORS) or after.strip(_SEPARATORS) or stem
+    return stem
+
+
+def discover(folder: str | Path, chapters: Iterable[str] | None = None
+             ) -> tuple[list[Submission], list[str]]:
+    """The submissions in ``folder`` (one per student and chapter, missing ones included, sorted
+    by student then chapter) and notes about files that could not be attributed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no submissions folder at {folder}")
+    found: dict[tuple[str, str], list[Path]] = {}
+    students: set[str] = set()
+    notes: list[str] = []
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            students.add(entry.name)
+            files = sorted(p for p in entry.rglob("*.ipynb") if ".ipynb_checkpoints" not in p.parts)
+            for p in files:
+                chapter = _chapter_in_name(p.stem) or _chapter_in_metadata(p)
+                if chapter is None:
+                    notes.append(f"{p}: no chapter in its name or metadata; not graded")
+                else:
+                    found.setdefault((entry.name, chapter), []).append(p)
+        elif entry.suffix == ".ipynb":
+            chapter = _chapter_in_name(entry.stem)
+            student = _student_from_name(entry.stem, chapter)
+            chapter = chapter or _chapter_in_metadata(entry)
+            if chapter is None:
+                notes.append(f"{entry}: no chapter in its name or metadata; not graded")
+                continue
+            students.add(student)
+            found.setdefault((student, chapter), []).append(entry)
+    if chapters is None:
+        wanted = sorted({ch for _, ch in found}, key=list(CHAPTERS).index)
+    else:
+        wanted = list(chapters)
+        unknown = [ch for ch in wanted if ch not in CHAPTERS]
+        if unknown:
+            raise ValueError(f"unknown chapter(s) {', '.join(unknown)}; expected some of {', '.join(CHAPTERS)}")
+    subs = []
+    for student in sorted(students):
+        for chapter in wanted:
+            paths = found.get((student, chapter), [])
+            # several notebooks for one chapter: the one named exactly after the chapter, else the first
+            paths = sorted(paths, key=lambda p: (p.stem != chapter, str(p)))
+            subs.append(Submission(student, chapter, paths[0] if paths else None, tuple(paths[1:])))
+    return subs, notes
+
+
+def _grade_one(sub: Submission, limits: Limits, seed: int | None) -> NotebookReport:
+    if sub.path is None:
+        why = f"no notebook for chapter {sub.chapter} was submitted"
+        return NotebookReport("-", sub.chapter, "missing",
+                              tuple(CheckResult(ex.id, ex.title, "missing", why) for ex in CHAPTERS[sub.chapter]),
+                              (why,))
+    return check_notebook(sub.path, seed=seed, limits=limits, chapter=sub.chapter)
+
+
+def grade_submissions(subs: list[Submission], *, limits: Limits | None = None, seed: int | None = None,
+                      jobs: int = 1, progress: Callable[[Submission, NotebookReport], None] | None = None
+                      ) -> list[StudentGrade]:
+    """Run every submission (``jobs`` at a time, each in its own sandboxed process)."""
+    limits = limits or Limits()
+    if jobs < 1:
+        raise ValueError(f"expected jobs >= 1; got {jobs}")
+    reports: dict[Submission, NotebookReport] = {}
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = {pool.submit(_grade_one, sub, limits, seed): sub for sub in subs}
+        for future in futures:  # in submission order; each waits for its own child process
+            sub = futures[future]
+            reports[sub] = future.result()
+            if progress is not None:
+                progress(sub, reports[sub])
+    grades = []
+    for student in dict.fromkeys(s.student for s in subs):
+        mine = [s for s in subs if s.student == student]
+        ignored = tuple(f"{p}: another notebook for chapter {s.chapter}; {s.path.name} was graded"
+                        for s in mine for p in s.ignored if s.path is not None)
+        grades.append(StudentGrade(student, tuple(reports[s] for s in mine), ignored))
+    return grades
+
+
+def _fmt(points: float) -> str:
+    return f"{points:g}"
+
+
+def gradebook_csv(grades: list[StudentGrade]) -> str:
+    """One row per student: points per exercise, total, out of, status."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    exercises = _exercises(grades[0].reports) if grades else []
+    writer.writerow(["student", *(f"ex {ex.id}" for ex in exercises), "total", "out of", "status"])
+    out_of = sum(ex.points for ex in exercises)
+    for g in grades:
+        pts = g.points()
+        writer.writerow([g.student, *(_fmt(pts[ex.id]) for ex in exercises), _fmt(g.total), _fmt(out_of), g.status])
+    return out.getvalue()
+
+
+def feedback_markdown(grade: StudentGrade) -> str:
+    """The feedback file of one student: every verdict, and what happened to each notebook."""
+    exercises = _exercises(grade.reports)
+    lines = [f"# Feedback for {grade.student}", "",
+             f"Total: {_fmt(grade.total)} / {_fmt(sum(ex.points for ex in exercises))} points "
+             f"(status: {grade.status})", ""]
+    pts = grade.points()
+    for rep in grade.reports:
+        chapter_pts = sum(pts[ex.id] for ex in CHAPTERS[rep.chapter])
+        chapter_max = sum(ex.points for ex in CHAPTERS[rep.chapter])
+        lines += [f"## {rep.chapter}: {_fmt(chapter_pts)} / {_fmt(chapter_max)}", "",
+                  f"Notebook: `{Path(rep.path).name if rep.path != '-' else 'none'}` — {rep.status}", ""]
+        if rep.notes:
+            lines += ["What happened while it ran:", ""] + [f"- {n}" for n in rep.notes] + [""]
+        by_id = {r.exercise: r for r in rep.results}
+        for ex in CHAPTERS[rep.chapter]:
+            lines.append(f"- {by_id[ex.id]} ({_fmt(pts[ex.id])} / {_fmt(ex.points)})")
+        lines.append("")
+    if grade.ignored:
+        lines += ["## Not graded", ""] + [f"- {n}" for n in grade.ignored] + [""]
+    return "\n".join(lines)
+
+
+def summary_table(grades: list[StudentGrade]) -> str:
+    """A plain-text table for the terminal: student, points per chapter, total, status."""
+    if not grades:
+        return "no submissions found"
+    chapters = [rep.chapter for rep in grades[0].reports]
+    head = ["student", *chapters, "total", "status"]
+    rows = []
+    for g in grades:
+        pts = g.points()
+        per = [f"{_fmt(sum(pts[ex.id] for ex in CHAPTERS[ch]))}/{_fmt(sum(ex.points for ex in CHAPTERS[ch]))}"
+               for ch in chapters]
+        rows.append([g.student, *per, _fmt(g.total), g.status])
+    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join([fmt.format(*head), fmt.format(*("-" * w for w in widths)), *(fmt.format(*r) for r in rows)])
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._@+-]+")
+
+
+def write_results(grades: list[StudentGrade], out: str | Path, notes: Iterable[str] = ()) -> Path:
+    """Write ``gradebook.csv`` and ``feedback/<student>.md`` under ``out``; return the gradebook path."""
+    out = Path(out)
+    (out / "feedback").mkdir(parents=True, exist_ok=True)
+    book = out / "gradebook.csv"
+    book.write_text(gradebook_csv(grades), encoding="utf-8")
+    used: set[str] = set()
+    for g in grades:
+        name = base = _UNSAFE.sub("_", g.student).strip("._") or "student"
+        k = 1
+        while name in used:  # two names that differ only in unsafe characters
+            k += 1
+            name = f"{base}-{k}"
+        used.add(name)
+        (out / "feedback" / f"{name}.md").write_text(feedback_markdown(g), encoding="utf-8")
+    notes = list(notes)
+    if notes:
+        (out / "unattributed.txt").write_text("\n".join(notes) + "\n", encoding="utf-8")
+    return book

@@ -1,0 +1,148 @@
+"""``course grade`` on a corpus of planted submissions (tests/grading_corpus.py): the gradebook
+is asserted exactly, the feedback carries the verdicts, and nothing outside the sandbox is touched."""
+
+import csv
+import io
+
+import nbformat
+import pytest
+
+from course.cli import main
+from course.exercises.grade import (
+    StudentGrade,
+    discover,
+    grade_submissions,
+    gradebook_csv,
+    write_results,
+)
+from course.exercises.registry import CHAPTERS
+from course.exercises.runner import Limits, NotebookReport, check_notebook
+from course.exercises.verdict import CheckResult
+from tests.grading_corpus import CHAPTER, EXPECTED, LIMITS, expected_gradebook, write_corpus
+
+
+@pytest.fixture(scope="module")
+def graded(tmp_path_factory):
+    """Grade the whole corpus once through the command line (2 notebooks at a time)."""
+    root = tmp_path_factory.mktemp("grading")
+    subs = write_corpus(root / "submissions")
+    out = root / "grades"
+    out.mkdir()
+    (out / "keep.txt").write_text("the instructor's file")
+    before = sorted(p.relative_to(subs) for p in subs.rglob("*"))
+    args = ["grade", str(subs), "--out", str(out), "--jobs", "2", "--timeout", str(LIMITS["notebook_timeout"]),
+            "--cell-timeout", str(LIMITS["cell_timeout"]), "--check-timeout", str(LIMITS["check_timeout"]),
+            "--memory-mb", str(LIMITS["memory_mb"])]
+    assert main(args) == 0
+    return root, subs, out, before
+
+
+def test_gradebook_of_the_planted_corpus_is_exactly_as_expected(graded):
+    _, _, out, _ = graded
+    text = (out / "gradebook.csv").read_text()
+    assert text == expected_gradebook(), text
+
+
+def test_feedback_names_what_went_wrong(graded):
+    _, _, out, _ = graded
+    fb = {p.stem: p.read_text() for p in (out / "feedback").glob("*.md")}
+    assert sorted(fb) == sorted(EXPECTED)
+    assert "Total: 3 / 3 points (status: graded)" in fb["correct"]
+    assert "\u2713 Exercise 1.1" in fb["correct"]
+    assert "wrong sign" in fb["drift_wrong_sign"]
+    assert "returns beta(t); the diffusion is its square root" in fb["diffusion_is_variance"]
+    assert "still raises NotImplementedError" in fb["stub_untouched"]
+    assert "NaN or inf" in fb["returns_nan"]
+    assert "returned shape (16, 1)" in fb["wrong_shape"]
+    assert "no function named vp_drift" in fb["renamed_functions"]
+    assert "IndexError" in fb["raises_exception"]
+    assert "did not finish within 10 s" in fb["endless_loop_in_function"]
+    assert "cell 4 (`i = 0`) ran past 6 s and was interrupted" in fb["endless_loop_in_cell"]
+    assert "ran past its 60 s limit" in fb["loop_that_swallows_interrupts"]
+    assert "SystemExit" in fb["sys_exit_in_cell"] and "SystemExit" in fb["sys_exit_in_function"]
+    assert "exited with status 3" in fb["os_exit_in_cell"]
+    assert "printed 40,0" in fb["huge_output"] and "only the first 1,000,000 were kept" in fb["huge_output"]
+    assert "can't allocate memory" in fb["memory_hog"] or "MemoryError" in fb["memory_hog"], fb["memory_hog"]
+    assert "ModuleNotFoundError" in fb["typo_in_imports"]
+    assert "could not read the notebook" in fb["corrupted_json"]
+    assert "could not read the notebook" in fb["not_a_notebook"]
+    assert "no notebook for chapter 01_forward_sdes was submitted" in fb["nothing_submitted"]
+
+
+def test_submissions_and_instructor_files_survive(graded):
+    root, subs, out, before = graded
+    assert sorted(p.relative_to(subs) for p in subs.rglob("*")) == before
+    assert (out / "keep.txt").read_text() == "the instructor's file"
+    assert not list(root.glob("*.ipynb"))  # nothing written beside the folders either
+
+
+def test_checks_use_fresh_random_inputs_so_pasted_values_fail(tmp_path):
+    # "hard_coded_values" fails with every seed: its pasted numbers match one t only
+    subs = write_corpus(tmp_path / "s")
+    limits = Limits(**LIMITS)
+    for seed in (0, 1):
+        report = check_notebook(subs / "hard_coded_values" / f"{CHAPTER}.ipynb", seed=seed, limits=limits)
+        assert [r.status for r in report.results] == ["passed", "passed", "failed"], report.summary()
+
+
+def test_discover_layouts_chapters_and_missing(tmp_path):
+    nb = nbformat.v4.new_notebook()
+    (tmp_path / "ann").mkdir()
+    (tmp_path / "ann" / "01_forward_sdes.ipynb").write_text(nbformat.writes(nb))
+    (tmp_path / "ann" / "03_probability_flow.ipynb").write_text(nbformat.writes(nb))
+    (tmp_path / "ann" / ".ipynb_checkpoints").mkdir()
+    (tmp_path / "ann" / ".ipynb_checkpoints" / "01_forward_sdes-checkpoint.ipynb").write_text("{}")
+    (tmp_path / "bob-01_forward_sdes.ipynb").write_text(nbformat.writes(nb))
+    (tmp_path / "bob_01_forward_sdes (1).ipynb").write_text(nbformat.writes(nb))
+    tagged = nbformat.v4.new_notebook(metadata={"course": {"chapter": "03_probability_flow"}})
+    (tmp_path / "cy.ipynb").write_text(nbformat.writes(tagged))  # chapter from metadata, student from name
+    (tmp_path / "notes.ipynb").write_text(nbformat.writes(nb))  # no chapter anywhere
+    subs, notes = discover(tmp_path)
+    got = {(s.student, s.chapter): (s.path.name if s.path else None) for s in subs}
+    assert got == {("ann", "01_forward_sdes"): "01_forward_sdes.ipynb",
+                   ("ann", "03_probability_flow"): "03_probability_flow.ipynb",
+                   ("bob", "01_forward_sdes"): "bob-01_forward_sdes.ipynb",
+                   ("bob", "03_probability_flow"): None,
+                   ("cy", "01_forward_sdes"): None,
+                   ("cy", "03_probability_flow"): "cy.ipynb"}
+    bob = next(s for s in subs if s.student == "bob" and s.chapter == "01_forward_sdes")
+    assert [p.name for p in bob.ignored] == ["bob_01_forward_sdes (1).ipynb"]
+    assert any("notes.ipynb" in n for n in notes)
+    only, _ = discover(tmp_path, ["03_probability_flow"])
+    assert {s.chapter for s in only} == {"03_probability_flow"}
+    with pytest.raises(ValueError, match="unknown chapter"):
+        discover(tmp_path, ["99_nope"])
+    with pytest.raises(FileNotFoundError, match="no submissions folder"):
+        discover(tmp_path / "nowhere")
+
+
+def test_points_come_from_the_registry_and_status_lists_each_problem(monkeypatch):
+    ch1 = CHAPTERS["01_forward_sdes"]
+
+    def report(chapter, status, passed):
+        return NotebookReport("x.ipynb", chapter, status, tuple(
+            CheckResult(ex.id, ex.title, "passed" if ok else "failed", "") for ex, ok in zip(CHAPTERS[chapter], passed, strict=True)))
+
+    g = StudentGrade("ann", (report("01_forward_sdes", "graded", [1, 0, 1]),
+                             report("03_probability_flow", "timed out", [1, 0])))
+    assert g.status == "03_probability_flow: timed out"
+    assert g.total == 3
+    weighted = {**CHAPTERS, "01_forward_sdes": tuple(
+        type(ex)(ex.id, ex.title, ex.names, ex.check, points=p) for ex, p in zip(ch1, [2.5, 1, 1], strict=True))}
+    monkeypatch.setattr("course.exercises.grade.CHAPTERS", weighted)
+    book = list(csv.reader(io.StringIO(gradebook_csv([g]))))
+    assert book[0] == ["student", "ex 1.1", "ex 1.2", "ex 1.3", "ex 3.1", "ex 3.2", "total", "out of", "status"]
+    assert book[1] == ["ann", "2.5", "0", "1", "1", "0", "4.5", "6.5", "03_probability_flow: timed out"]
+
+
+def test_grade_command_errors(tmp_path, capsys):
+    assert main(["grade", str(tmp_path / "nowhere")]) == 2
+    assert "no submissions folder" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["grade", str(tmp_path / "empty"), "--out", str(tmp_path / "g")]) == 2
+    assert "no exercise notebooks" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="memory_mb >= 3072"):
+        Limits(memory_mb=1000)
+    with pytest.raises(ValueError, match="jobs >= 1"):
+        grade_submissions([], jobs=0)
+    assert write_results([], tmp_path / "g").read_text() == "student,total,out of,status\n"
