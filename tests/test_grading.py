@@ -18,7 +18,7 @@ from course.exercises.grade import (
 from course.exercises.registry import CHAPTERS
 from course.exercises.runner import Limits, NotebookReport, check_notebook
 from course.exercises.verdict import CheckResult
-from tests.grading_corpus import CHAPTER, EXPECTED, LIMITS, expected_gradebook, write_corpus
+from tests.grading_corpus import CHAPTER, EXPECTED, LIMITS, ROOT, expected_gradebook, write_corpus
 
 
 @pytest.fixture(scope="module")
@@ -146,3 +146,12 @@ def test_grade_command_errors(tmp_path, capsys):
     with pytest.raises(ValueError, match="jobs >= 1"):
         grade_submissions([], jobs=0)
     assert write_results([], tmp_path / "g").read_text() == "student,total,out of,status\n"
+
+
+def test_syllabus_points_equal_the_registry():
+    readme = (ROOT / "README.md").read_text()
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in readme.splitlines()
+            if line.startswith("| ") and line.count(" | ") >= 6 and line[2:4].isdigit()}
+    for chapter, exercises in CHAPTERS.items():
+        expected = " · ".join(f"{ex.id}: {ex.points:g}" for ex in exercises)
+        assert rows[chapter[:2]][4] == expected, (chapter, rows[chapter[:2]][4])

@@ -1,0 +1,51 @@
+"""Grader benchmark: wall time of ``course grade`` over the planted corpus of tests/grading_corpus.py.
+
+Usage:  python benchmarks/bench_grading.py [--jobs 1 2]
+
+Writes the 25 planted chapter-01 submissions (correct, wrong in typical ways, stub, exceptions,
+endless loops, sys.exit, os._exit, huge output, file deletion, NaN, wrong shape, broken JSON,
+missing, ...) to a temporary folder and grades them with the corpus's limits (60 s per notebook,
+6 s per cell, 10 s per check), once per --jobs value. Prints the wall time, the number of
+notebooks per status and whether the gradebook equals the expected one. One submission swallows
+every interrupt and so always costs the full 60 s notebook limit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from course.exercises.grade import discover, grade_submissions, gradebook_csv  # noqa: E402
+from course.exercises.runner import Limits  # noqa: E402
+from tests.grading_corpus import LIMITS, expected_gradebook, write_corpus  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, nargs="+", default=[1, 2])
+    args = parser.parse_args()
+    limits = Limits(**LIMITS)
+    print("| jobs | notebooks | wall time | graded | timed out | crashed | invalid | missing | gradebook as expected |")
+    print("|------|-----------|-----------|--------|-----------|---------|---------|---------|-----------------------|")
+    for jobs in args.jobs:
+        with tempfile.TemporaryDirectory() as tmp:
+            subs, _ = discover(write_corpus(Path(tmp) / "submissions"))
+            start = time.perf_counter()
+            grades = grade_submissions(subs, limits=limits, jobs=jobs)
+            wall = time.perf_counter() - start
+        statuses = Counter(rep.status for g in grades for rep in g.reports)
+        counts = {s: statuses[s] for s in ("graded", "timed out", "crashed", "invalid notebook", "missing")}
+        ok = gradebook_csv(grades) == expected_gradebook()
+        print(f"| {jobs:4d} | {len(subs):9d} | {wall:7.1f} s | " + " | ".join(
+            f"{counts[s]:{w}d}" for s, w in zip(counts, (6, 9, 7, 7, 7), strict=True)) + f" | {'yes' if ok else 'NO':<21} |",
+            flush=True)
+
+
+if __name__ == "__main__":
+    main()
