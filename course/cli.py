@@ -1,4 +1,4 @@
-"""The ``course`` command line: ``build-exercises``, ``check``, ``grade`` and ``doctor``."""
+"""The ``course`` command line: ``build-exercises``, ``check``, ``grade``, ``train`` and ``doctor``."""
 
 from __future__ import annotations
 
@@ -89,6 +89,19 @@ def _grade(args) -> int:
     return 0
 
 
+def _train(args) -> int:
+    from .recipes import RECIPES, run_recipe
+
+    if args.name not in RECIPES:
+        print(f"error: unknown recipe {args.name!r}; known recipes: {', '.join(RECIPES)}", file=sys.stderr)
+        return 2
+    result = run_recipe(args.name, folder=args.out, fast=True if args.fast else None)
+    print(f"trained {args.name} in {result.seconds:.1f} s; wrote {result.path}")
+    for key, value in result.metrics.items():
+        print(f"  {key}: {value:.4g}" if isinstance(value, float) else f"  {key}: {value}")
+    return 0
+
+
 def _doctor(args) -> int:
     from .environment import environment_report, format_report
 
@@ -133,6 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1, help="notebooks run at the same time (default: 1)")
     sandbox_options(p)
     p.set_defaults(func=_grade)
+
+    p = sub.add_parser("train", help="train a named recipe and write checkpoints/NAME.pt and its manifest entry")
+    p.add_argument("name", help="recipe name, e.g. mnist_classifier")
+    p.add_argument("--out", default=None, help="checkpoint folder (default: the course's checkpoints/)")
+    p.add_argument("--fast", action="store_true", help="a few steps only (as under COURSE_FAST=1)")
+    p.set_defaults(func=_train)
 
     p = sub.add_parser("doctor", help="check that this environment can run the course")
     p.set_defaults(func=_doctor)

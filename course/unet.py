@@ -1,0 +1,113 @@
+"""A small U-Net for 28x28 and 32x32 images, called ``model(x, t, y=None)``.
+
+Residual blocks with FiLM time (and class) conditioning, two resolution changes (28 -> 14 -> 7
+or 32 -> 16 -> 8), skip connections by concatenation. Class conditioning has a learned *null*
+class (index ``num_classes``): ``y=None`` or ``y == num_classes`` asks for the unconditional
+model, which is what classifier-free guidance needs (training drops labels to the null class).
+
+The defaults were chosen by ``benchmarks/bench_06_image_track.py --speed`` on 2 CPU cores;
+see docs/design-notes.md ("Image track").
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .nets import SinusoidalTimeEmbedding
+from .utils import check_batch, check_positive_int
+
+__all__ = ["UNet", "ResBlock"]
+
+
+def _norm(channels: int, groups: int) -> nn.Module:
+    return nn.GroupNorm(min(groups, channels), channels) if groups else nn.Identity()
+
+
+class ResBlock(nn.Module):
+    """x + conv(silu(FiLM(norm(conv(silu(norm(x)))), emb))) with a 1x1 skip when widths differ."""
+
+    def __init__(self, cin: int, cout: int, emb_dim: int, groups: int = 8):
+        super().__init__()
+        self.norm1, self.conv1 = _norm(cin, groups), nn.Conv2d(cin, cout, 3, padding=1)
+        self.film = nn.Linear(emb_dim, 2 * cout)
+        self.norm2, self.conv2 = _norm(cout, groups), nn.Conv2d(cout, cout, 3, padding=1)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+        nn.init.zeros_(self.conv2.weight)  # each block starts as the identity
+        nn.init.zeros_(self.conv2.bias)
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        scale, shift = self.film(emb)[:, :, None, None].chunk(2, dim=1)
+        h = self.norm2(h) * (1 + scale) + shift
+        return self.skip(x) + self.conv2(F.silu(h))
+
+
+class UNet(nn.Module):
+    """Small U-Net.
+
+    Args:
+        in_channels: 1 (MNIST) or 3 (CIFAR-10); the output has the same shape as the input.
+        channels: widths at the three resolutions (full, 1/2, 1/4).
+        emb_dim: size of the time (and class) embedding.
+        num_classes: number of classes for conditioning (``None``: unconditional); the model
+            then also has a null class, index ``num_classes``.
+        groups: GroupNorm groups (0: no normalisation).
+        patch: 2 folds each 2x2 pixel patch into channels first (``PixelUnshuffle``), so the
+            network runs at half resolution (28 -> 14 -> 7 -> 4); 1 works on pixels.
+    """
+
+    def __init__(self, in_channels: int = 1, channels: tuple[int, int, int] = (32, 64, 64), emb_dim: int = 128,
+                 num_classes: int | None = None, groups: int = 8, patch: int = 1):
+        super().__init__()
+        self.in_channels = check_positive_int(in_channels, "in_channels")
+        if len(channels) != 3:
+            raise ValueError(f"expected three widths (full, 1/2, 1/4 resolution); got {channels}")
+        c0, c1, c2 = (check_positive_int(c, "channels") for c in channels)
+        self.num_classes = None if num_classes is None else check_positive_int(num_classes, "num_classes")
+        self.time = nn.Sequential(SinusoidalTimeEmbedding(emb_dim), nn.Linear(emb_dim, emb_dim), nn.SiLU(),
+                                  nn.Linear(emb_dim, emb_dim))
+        self.label = nn.Embedding(num_classes + 1, emb_dim) if num_classes is not None else None
+        self.patch = check_positive_int(patch, "patch")
+        self.stem = nn.Sequential(nn.PixelUnshuffle(patch), nn.Conv2d(in_channels * patch**2, c0, 3, padding=1))
+        self.down0 = ResBlock(c0, c0, emb_dim, groups)
+        self.pool0 = nn.Conv2d(c0, c1, 3, stride=2, padding=1)
+        self.down1 = ResBlock(c1, c1, emb_dim, groups)
+        self.pool1 = nn.Conv2d(c1, c2, 3, stride=2, padding=1)
+        self.mid = ResBlock(c2, c2, emb_dim, groups)
+        self.up1 = ResBlock(c2 + c1, c1, emb_dim, groups)
+        self.up0 = ResBlock(c1 + c0, c0, emb_dim, groups)
+        self.out = nn.Sequential(_norm(c0, groups), nn.SiLU(), nn.Conv2d(c0, in_channels * patch**2, 3, padding=1),
+                                 nn.PixelShuffle(patch))
+
+    def embed(self, t: Tensor, y: Tensor | None, batch: int) -> Tensor:
+        emb = self.time(t)
+        if self.label is None:
+            if y is not None:
+                raise ValueError("this U-Net is unconditional (num_classes=None); got labels y")
+            return emb
+        if y is None:
+            y = torch.full((batch,), self.num_classes, dtype=torch.long, device=t.device)
+        if y.shape != (batch,) or y.dtype != torch.long:
+            raise ValueError(f"expected y of shape ({batch},) and dtype int64; got {tuple(y.shape)} {y.dtype}")
+        if y.min() < 0 or y.max() > self.num_classes:
+            raise ValueError(f"expected labels in 0..{self.num_classes - 1}, or {self.num_classes} for the null "
+                             f"class; got values from {y.min().item()} to {y.max().item()}")
+        return emb + self.label(y)
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        check_batch(x, ndim=4)
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"expected x with {self.in_channels} channel(s); got shape {tuple(x.shape)}")
+        if x.shape[-1] % self.patch or x.shape[-2] % self.patch:
+            raise ValueError(f"expected height and width divisible by patch={self.patch}; got shape {tuple(x.shape)}")
+        if t.shape != (x.shape[0],):
+            raise ValueError(f"expected t of shape ({x.shape[0]},); got {tuple(t.shape)}")
+        emb = self.embed(t.to(x.dtype), y, x.shape[0]).to(x.dtype)
+        h0 = self.down0(self.stem(x), emb)  # (B, c0, H, W)
+        h1 = self.down1(self.pool0(h0), emb)  # (B, c1, H/2, W/2)
+        h = self.mid(self.pool1(h1), emb)  # (B, c2, H/4, W/4)
+        h = self.up1(torch.cat([F.interpolate(h, size=h1.shape[-2:], mode="nearest"), h1], 1), emb)
+        h = self.up0(torch.cat([F.interpolate(h, size=h0.shape[-2:], mode="nearest"), h0], 1), emb)
+        return self.out(h)
