@@ -55,13 +55,14 @@ class Recipe:
     lr: float
     width: int = 32  # classifiers: first-stage channels
     channels: tuple[int, int, int] = (32, 64, 64)  # U-Net widths
+    patch: int = 2  # U-Net: 2x2 pixel patches folded into channels (4x faster on CPU, see docs)
     label_dropout: float = 0.1  # U-Net: share of labels replaced by the null class
     max_shift: int = 2  # classifiers: random translation by up to this many pixels
     ema_decay: float = 0.999
     seed: int = 0
     fast_steps: int = 20  # steps under COURSE_FAST=1 (tests)
     eval_w: float = 1.0  # U-Net: guidance weight of the reported metrics
-    eval_nfe: int = 20  # U-Net: Euler steps of the reported metrics
+    eval_nfe: int = 20  # U-Net: Euler steps of the reported metrics (2 NFE each when eval_w > 0)
     description: str = ""
 
     def __post_init__(self):
@@ -76,9 +77,9 @@ class Recipe:
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("mnist_classifier", "classifier", steps=1500, batch_size=128, lr=2e-3, width=16,
            description="evaluation classifier for MNIST (class accuracy, MNIST-FD features)"),
-    Recipe("mnist_noisy_classifier", "noisy_classifier", steps=2500, batch_size=128, lr=2e-3,
+    Recipe("mnist_noisy_classifier", "noisy_classifier", steps=2000, batch_size=128, lr=2e-3,
            description="time-conditioned classifier of x_t on the linear path, for classifier guidance"),
-    Recipe("mnist_cfm_unet", "cfm_unet", steps=2000, batch_size=128, lr=2e-3, ema_decay=0.995,
+    Recipe("mnist_cfm_unet", "cfm_unet", steps=3000, batch_size=128, lr=2e-3, ema_decay=0.999,
            description="class-conditional U-Net, rectified-flow loss, 10% label dropout (CFG)"),
 )}
 
@@ -92,7 +93,7 @@ def get_recipe(name: str) -> Recipe:
 def build_model(recipe: Recipe, *, num_classes: int = 10, in_channels: int = 1) -> nn.Module:
     """The untrained network of ``recipe``."""
     if recipe.kind == "cfm_unet":
-        return UNet(in_channels, channels=recipe.channels, num_classes=num_classes)
+        return UNet(in_channels, channels=recipe.channels, num_classes=num_classes, patch=recipe.patch)
     return ConvClassifier(in_channels, num_classes, width=recipe.width,
                           time_conditional=recipe.kind == "noisy_classifier")
 
@@ -171,7 +172,9 @@ def _metrics(recipe: Recipe, model: nn.Module, held_out: ImageData, fast: bool,
     start = time.perf_counter()
     samples = sample_classes(model, labels, w=recipe.eval_w, nfe=recipe.eval_nfe, generator=gen)
     seconds = time.perf_counter() - start
-    out = {"w": recipe.eval_w, "nfe": recipe.eval_nfe, "samples_per_second": len(labels) / seconds}
+    # with w > 0 each Euler step evaluates the conditional and the unconditional half: 2 NFE
+    out = {"w": recipe.eval_w, "euler_steps": recipe.eval_nfe, "nfe": recipe.eval_nfe * (2 if recipe.eval_w else 1),
+           "samples_per_second": len(labels) / seconds}
     if classifier is not None:
         q = evaluate_class_conditional(classifier, samples, labels, held_out, per_class_fd=min(per_class, 50),
                                        generator=gen)
@@ -203,6 +206,7 @@ def _write_manifest(folder: Path, name: str, entry: dict) -> None:
     with os.fdopen(fd, "w") as f:
         json.dump(dict(sorted(manifest.items())), f, indent=2)
         f.write("\n")
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
 
 

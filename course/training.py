@@ -169,6 +169,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: dict | None = None
     os.close(fd)
     try:
         torch.save(payload, tmp)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -202,7 +202,7 @@ def test_pretrained_round_trip_and_documented_errors(tiny_checkpoint, tmp_path):
     model = load("mnist_classifier", folder=tiny_checkpoint, allow_fast=True)
     x = torch.randn(3, 1, 28, 28)
     state = torch.load(tiny_checkpoint / "mnist_classifier.pt", weights_only=True)["state_dict"]
-    fresh = ConvClassifier()
+    fresh = ConvClassifier(width=RECIPES["mnist_classifier"].width)
     fresh.load_state_dict(state)
     torch.testing.assert_close(model(x), fresh.eval()(x))
     with pytest.raises(CheckpointError, match="fast mode"):
@@ -232,5 +232,24 @@ def test_pretrained_round_trip_and_documented_errors(tiny_checkpoint, tmp_path):
 def test_generator_recipe_runs_in_fast_mode(tiny_checkpoint):
     result = run_recipe("mnist_cfm_unet", folder=tiny_checkpoint, fast=True, progress=False)
     m = result.metrics
-    assert m["nfe"] == 20 and m["samples_per_second"] > 0 and 0 <= m["class_accuracy"] <= 1
+    assert m["euler_steps"] == 20 and m["nfe"] == 40 and m["samples_per_second"] > 0 and 0 <= m["class_accuracy"] <= 1
     assert m["mnist_fd"] > 0 and m["mnist_fd_floor"] > 0
+
+
+def test_shipped_classifier_and_mnist_fd_separate_real_from_noise():
+    """The committed evaluation classifier: >= 97 % on held-out digits; MNIST-FD of real
+    training digits against held-out ones is near the held-out floor, of noise far above it."""
+    from course.image_metrics import class_accuracy, evaluate_class_conditional
+
+    classifier = load("mnist_classifier")
+    train, held = load_mnist("train", offline=True, verbose=False), load_mnist("test", offline=True, verbose=False)
+    assert class_accuracy(classifier, held.images, held.labels) >= 0.97
+    g = torch.Generator().manual_seed(0)
+    real = train.per_class(50, generator=g)
+    q_real = evaluate_class_conditional(classifier, real.images, real.labels, held, generator=g)
+    noise = torch.rand(real.images.shape, generator=g) * 2 - 1
+    q_noise = evaluate_class_conditional(classifier, noise, real.labels, held, generator=g)
+    assert q_real.n_fd == 500 and q_real.accuracy > 0.97
+    assert q_real.fd < 1.5 * q_real.fd_floor, q_real
+    assert q_noise.fd > 20 * q_noise.fd_floor, q_noise
+    assert 0.8 < q_real.diversity < 1.25

@@ -121,3 +121,19 @@ def test_ema_update_follows_the_warmup_schedule():
         ema_update(0.9, warmup=False)(plain, [torch.ones(1)], n)
         expected = 0.9 * expected + 0.1
     torch.testing.assert_close(plain[0], expected)
+
+
+def test_tuple_dataset_keeps_rows_together():
+    x = torch.arange(50, dtype=torch.float32)[:, None]
+    y = torch.arange(50) * 10
+    seen = []
+
+    def loss_fn(model, batch, g):
+        xb, yb = batch
+        seen.append(torch.equal(yb, xb[:, 0].long() * 10))
+        return model(xb).pow(2).mean()
+
+    train(nn.Linear(1, 1), loss_fn, (x, y), TrainConfig(steps=5, batch_size=8), generator=torch.Generator().manual_seed(0))
+    assert seen == [True] * 5
+    with pytest.raises(ValueError, match="one first dimension"):
+        train(nn.Linear(1, 1), loss_fn, (x, y[:10]), TrainConfig(steps=1, batch_size=8))
