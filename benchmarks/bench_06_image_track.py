@@ -3,6 +3,7 @@ time-to-quality curve.
 
 Usage:
     python benchmarks/bench_06_image_track.py --speed          # ms per training step of each variant
+    python benchmarks/bench_06_image_track.py --classifiers    # both classifier recipes: time, accuracy
     python benchmarks/bench_06_image_track.py [--steps 3000]   # generator curve (about 10 min)
 
 --speed times forward + backward + Adam for batches of 128 on the U-Net and classifier variants
@@ -88,6 +89,17 @@ def speed() -> None:
         print(f"| {name:<60} | {f'{n:,d}' if n else '':>10} | {ms:9.1f} |", flush=True)
 
 
+def classifiers() -> None:
+    from course.recipes import run_recipe
+
+    print("| recipe | steps | training time | held-out accuracy |")
+    print("|--------|-------|---------------|-------------------|")
+    for name in ("mnist_classifier", "mnist_noisy_classifier"):
+        res = run_recipe(name, fast=False, progress=False, save=False)
+        acc = ", ".join(f"{k.replace('held_out_accuracy', '') or 'clean'}: {100 * v:.1f}%" for k, v in res.metrics.items())
+        print(f"| {name} | {get_recipe(name).steps} | {res.seconds:.1f} s | {acc} |", flush=True)
+
+
 def generator(steps: int | None) -> None:
     recipe = get_recipe("mnist_cfm_unet")
     steps = steps or recipe.steps
@@ -148,11 +160,14 @@ def generator(steps: int | None) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--speed", action="store_true", help="time the network variants only")
+    parser.add_argument("--classifiers", action="store_true", help="train and measure the two classifier recipes")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     if args.speed:
         speed()
+    elif args.classifiers:
+        classifiers()
     else:
         generator(args.steps)
 
