@@ -13,7 +13,7 @@ from .utils import default_device, fast_mode, offline_mode
 __all__ = ["EnvCheck", "environment_report", "format_report"]
 
 REQUIRED = ["torch", "torchvision", "numpy", "scipy", "matplotlib", "sklearn", "tqdm",
-            "ipywidgets", "mlxtend"]
+            "ipywidgets", "mlxtend", "nbformat", "IPython"]
 INSTALL_FIX = 'run `make lab` (or `pip install -e ".[dev]"` in your environment)'
 
 
