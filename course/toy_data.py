@@ -178,6 +178,17 @@ class GaussianMixture(ToyDistribution):
         t = as_time(t, x)
         return self._log_prob_and_score(x, path.alpha(t), path.sigma(t))[1]
 
+    def class_log_posterior(self, x: Tensor, t: Tensor | float, path: GaussianPath) -> Tensor:
+        """log p_t(y | x) for every class y, exactly (Bayes' rule over the components of each
+        class); shape ``(B, num_classes)``. The "noisy classifier" of a labelled mixture."""
+        if self.labels is None:
+            raise ValueError(f"{self.name} has no class labels")
+        t = as_time(t, x)
+        log_joint = self._components(x, path.alpha(t), path.sigma(t))[0]  # (B, K)
+        per_class = torch.stack([torch.logsumexp(log_joint[:, self.labels == c], dim=1)
+                                 for c in range(self.num_classes)], dim=1)  # (B, C)
+        return per_class - torch.logsumexp(log_joint, dim=1, keepdim=True)
+
     def log_prob(self, x: Tensor) -> Tensor:
         """log p(x) of the clean data; shape ``(B,)``."""
         return self._log_prob_and_score(x, *self._clean(x))[0]
