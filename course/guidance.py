@@ -31,6 +31,7 @@ from .paths import GaussianPath
 from .utils import as_time, check_batch, check_time_scalar
 
 __all__ = ["classifier_free_guidance", "classifier_log_prob_grad", "classifier_guided_score",
+           "classifier_guided_velocity",
            "classifier_guided_ddim_step", "classifier_guided_ddpm_step", "sdedit"]
 
 
@@ -70,6 +71,33 @@ def classifier_guided_score(score_fn: Callable, classifier: Callable, scale: flo
         return score_fn(x, t) + scale * classifier_log_prob_grad(classifier, x, t, y)
 
     return guided
+
+
+def classifier_guided_velocity(velocity_fn: Callable, classifier: Callable, scale: float, path: GaussianPath
+                               ) -> Callable:
+    """Classifier guidance for a velocity (flow) model: the score moves by scale * grad log p(y | x_t),
+    which moves the velocity by b(t) * scale * grad with b(t) = sigma (alpha' sigma / alpha - sigma'),
+    the score coefficient of the velocity (-sigma / alpha on the linear path). b is infinite where
+    alpha = 0 (pure noise, where the classifier sees no class); there no guidance is added."""
+    from .conversions import convert
+
+    def guided(x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        v = velocity_fn(x, t, y=None) if _takes_y(velocity_fn) else velocity_fn(x, t)
+        g = classifier_log_prob_grad(classifier, x, t, y)
+        alpha, _ = path.coefficients(t, x)
+        ok = (alpha.abs() > 0).expand_as(x)
+        zero = torch.zeros_like(x)
+        shift = convert(scale * g, "score", "velocity", x, t, path) - convert(zero, "score", "velocity", x, t, path)
+        return v + torch.where(ok, shift, zero)
+
+    return guided
+
+
+def _takes_y(fn: Callable) -> bool:
+    try:
+        return "y" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def classifier_guided_ddim_step(x: Tensor, t, s, eps_hat: Tensor, grad: Tensor, path: GaussianPath, *,

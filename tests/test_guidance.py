@@ -13,6 +13,7 @@ from course.guidance import (
     classifier_guided_ddim_step,
     classifier_guided_ddpm_step,
     classifier_guided_score,
+    classifier_guided_velocity,
     classifier_log_prob_grad,
     sdedit,
 )
@@ -166,3 +167,22 @@ def test_sdedit_limits():
     assert (e - x).norm(dim=1).mean() < 0.2
     with pytest.raises(ValueError, match="t0 in"):
         sdedit(sample_ddim, exact_score, x, 1.5, path=PATH, n_steps=10)
+
+
+def test_classifier_guided_velocity_is_the_conditional_velocity_at_scale_one():
+    from course.flow_matching import oracle_velocity
+
+    lin = LinearPath()
+    x, t, y = _points()
+
+    def exact_lin_classifier(xx, tt):
+        return DATA.class_log_posterior(xx, tt, lin)
+
+    guided = classifier_guided_velocity(oracle_velocity(DATA, lin), exact_lin_classifier, 1.0, lin)(x, t, y)
+    expected = torch.stack([oracle_velocity(DATA.condition(int(c)), lin)(x[i:i + 1], t[i:i + 1])[0]
+                            for i, c in enumerate(y)])
+    assert (guided - expected).abs().max().item() <= 1e-5
+    # at t = 1 (alpha = 0) no guidance is added and nothing becomes NaN
+    ones = torch.ones(64, dtype=torch.float64)
+    out = classifier_guided_velocity(oracle_velocity(DATA, lin), exact_lin_classifier, 3.0, lin)(x, ones, y)
+    torch.testing.assert_close(out, oracle_velocity(DATA, lin)(x, ones))
