@@ -29,7 +29,7 @@ from course.classifiers import ConvClassifier
 from course.datasets import load_mnist
 from course.image_metrics import evaluate_class_conditional
 from course.pretrained import load
-from course.recipes import PATH, build_model, get_recipe, sample_classes
+from course.recipes import build_model, get_recipe, recipe_loss, sample_classes
 from course.training import TrainConfig, train
 from course.unet import UNet
 
@@ -121,17 +121,10 @@ def generator(steps: int | None) -> None:
         curve.append((step, time.perf_counter() - t0[0] - eval_seconds[0], q))
         return q.accuracy
 
-    def loss(m, batch, g):
-        from course.flow_matching import cfm_loss
-
-        x, y = batch
-        drop = torch.rand(y.shape[0], generator=g) < recipe.label_dropout
-        return cfm_loss(m, x, PATH, generator=g, y=torch.where(drop, 10, y))
-
     config = TrainConfig(steps=steps, batch_size=recipe.batch_size, lr=recipe.lr, ema_decay=recipe.ema_decay,
                          eval_every=steps // 4)
     t0 = [time.perf_counter()]
-    res = train(model, loss, (train_data.images, train_data.labels), config, generator=gen, eval_fn=evaluate)
+    res = train(model, recipe_loss(recipe), (train_data.images, train_data.labels), config, generator=gen, eval_fn=evaluate)
     train_minutes = (res.seconds - eval_seconds[0]) / 60
     print(f"{recipe.name}: U-Net {recipe.channels} patch {recipe.patch}, {sum(p.numel() for p in model.parameters()):,} "
           f"parameters, {res.steps} steps of batch {recipe.batch_size}: {train_minutes:.1f} min of training "

@@ -82,7 +82,7 @@ def classifier_guided_velocity(velocity_fn: Callable, classifier: Callable, scal
     from .conversions import convert
 
     def guided(x: Tensor, t: Tensor, y: Tensor) -> Tensor:
-        v = velocity_fn(x, t, y=None) if _takes_y(velocity_fn) else velocity_fn(x, t)
+        v = velocity_fn(x, t)  # unconditional (a class-conditional U-Net called without y: its null class)
         g = classifier_log_prob_grad(classifier, x, t, y)
         alpha, _ = path.coefficients(t, x)
         ok = (alpha.abs() > 0).expand_as(x)
@@ -91,13 +91,6 @@ def classifier_guided_velocity(velocity_fn: Callable, classifier: Callable, scal
         return v + torch.where(ok, shift, zero)
 
     return guided
-
-
-def _takes_y(fn: Callable) -> bool:
-    try:
-        return "y" in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 def classifier_guided_ddim_step(x: Tensor, t, s, eps_hat: Tensor, grad: Tensor, path: GaussianPath, *,

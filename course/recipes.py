@@ -38,7 +38,8 @@ from .training import TrainConfig, save_checkpoint, train
 from .unet import UNet
 from .utils import check_positive_int, fast_mode
 
-__all__ = ["Recipe", "RECIPES", "get_recipe", "build_model", "run_recipe", "sample_classes", "random_shift",
+__all__ = ["Recipe", "RECIPES", "get_recipe", "build_model", "recipe_loss", "run_recipe", "sample_classes",
+           "random_shift",
            "checkpoint_dir", "sha256_of"]
 
 KINDS = ("classifier", "noisy_classifier", "cfm_unet")
@@ -114,7 +115,8 @@ def random_shift(x: Tensor, max_shift: int, generator: torch.Generator | None = 
 PATH = LinearPath()
 
 
-def _loss(recipe: Recipe, num_classes: int):
+def recipe_loss(recipe: Recipe, num_classes: int = 10):
+    """The training loss ``loss(model, (images, labels), generator)`` of ``recipe``."""
     if recipe.kind == "classifier":
         def loss(model, batch, g):
             x, y = batch
@@ -232,7 +234,7 @@ def run_recipe(name: str, *, folder: str | Path | None = None, fast: bool | None
     model = build_model(recipe)
     steps = recipe.fast_steps if fast else recipe.steps
     config = TrainConfig(steps=steps, batch_size=recipe.batch_size, lr=recipe.lr, ema_decay=recipe.ema_decay)
-    res = train(model, _loss(recipe, 10), (train_data.images, train_data.labels), config, generator=gen,
+    res = train(model, recipe_loss(recipe), (train_data.images, train_data.labels), config, generator=gen,
                 progress=progress)
     trained = res.ema_model
     classifier = None

@@ -9,8 +9,8 @@ that whatever happened before the process was killed (time limit, memory, ``os._
 still be reported.
 
 Per-cell and per-check wall-clock limits are SIGALRM timers; a submission that swallows the
-alarm is still stopped by the runner's limit on the whole notebook. Standard output and error
-are kept up to ``--max-output`` characters and otherwise discarded.
+alarm is still stopped by the runner's limit on the whole notebook. What the notebook prints is
+counted and discarded (the verdicts travel through ``EVENTS``).
 """
 
 from __future__ import annotations
@@ -33,19 +33,16 @@ def _alarm(signum, frame):
     raise Timeout
 
 
-class BoundedSink:
-    """A text stream that counts everything written to it and keeps only the first ``limit`` characters."""
+class CountingSink:
+    """A text stream that counts the characters written to it and discards them."""
 
-    def __init__(self, limit: int):
-        self.limit, self.written, self.kept = limit, 0, []
+    def __init__(self):
+        self.written = 0
 
     def write(self, text) -> int:
-        text = str(text)
-        room = self.limit - sum(map(len, self.kept))
-        if room > 0:
-            self.kept.append(text[:room])
-        self.written += len(text)
-        return len(text)
+        n = len(str(text))
+        self.written += n
+        return n
 
     def flush(self) -> None:
         pass
@@ -123,10 +120,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cell-timeout", type=float, default=120)
     parser.add_argument("--check-timeout", type=float, default=60)
     parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--max-output", type=int, default=1_000_000)
     args = parser.parse_args(argv)
     events = Events(args.events)
-    sink = BoundedSink(args.max_output)
+    sink = CountingSink()
     try:
         import nbformat
         from IPython.core.interactiveshell import InteractiveShell
