@@ -107,3 +107,20 @@ def test_course_check_on_invalid_notebook(tmp_path, capsys):
     assert main(["check", str(bad)]) == 2
     assert main(["check", str(tmp_path / "missing.ipynb")]) == 2
     assert "no notebook at" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("folder", ["notebooks", "solutions"])
+def test_committed_notebooks_are_executed_with_their_figures(folder):
+    """Lecture and solution notebooks are committed executed top to bottom in one kernel, and every
+    cell that draws a figure shows it (a kernel started with MPLBACKEND=Agg would drop them)."""
+    for path in sorted((ROOT / folder).glob("*.ipynb")):
+        nb = nbformat.read(path, as_version=4)
+        code = [c for c in nb.cells if c.cell_type == "code"]
+        counts = [c.execution_count for c in code]
+        assert counts == list(range(1, len(code) + 1)), f"{path}: not executed top to bottom in one kernel: {counts}"
+        for i, cell in enumerate(code):
+            if "plt.subplots(" in cell.source:
+                kinds = {k for out in cell.outputs for k in out.get("data", {})}
+                if "application/vnd.jupyter.widget-view+json" in kinds:
+                    continue  # the figure is drawn inside a widget, live only
+                assert "image/png" in kinds, f"{path}, code cell {i + 1}: draws a figure but has none in its output"
