@@ -96,7 +96,8 @@ def classifiers() -> None:
     print("|--------|-------|---------------|-------------------|")
     for name in ("mnist_classifier", "mnist_noisy_classifier"):
         res = run_recipe(name, fast=False, progress=False, save=False)
-        acc = ", ".join(f"{k.replace('held_out_accuracy', '') or 'clean'}: {100 * v:.1f}%" for k, v in res.metrics.items())
+        acc = ", ".join(f"{k.replace('held_out_accuracy_t', 't = ').replace('held_out_accuracy', 'clean')}: "
+                        f"{100 * v:.1f}%" for k, v in res.metrics.items())
         print(f"| {name} | {get_recipe(name).steps} | {res.seconds:.1f} s | {acc} |", flush=True)
 
 

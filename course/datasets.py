@@ -25,7 +25,7 @@ from torch import Tensor
 from .utils import check_positive_int, offline_mode
 
 __all__ = ["ImageData", "load_mnist", "load_cifar10", "data_root", "MNIST_CLASSES", "CIFAR10_CLASSES",
-           "to_unit_range", "SPLITS"]
+           "to_unit_range", "SPLITS", "stroke_digits"]
 
 SPLITS = ("train", "test")
 MNIST_CLASSES = tuple(str(d) for d in range(10))
@@ -176,3 +176,44 @@ def load_cifar10(split: str = "train", *, root: str | Path | None = None, downlo
     if verbose:
         print(f"Using {data.source}.")
     return data
+
+
+# Polylines (row, col) on a 14 x 14 canvas: one rough stroke drawing per digit, for SDEdit.
+_STROKES: dict[int, list[list[tuple[int, int]]]] = {
+    0: [[(2, 7), (3, 4), (7, 3), (11, 4), (12, 7), (11, 10), (7, 11), (3, 10), (2, 7)]],
+    1: [[(2, 8), (12, 6)], [(4, 6), (2, 8)]],
+    2: [[(4, 3), (2, 6), (3, 10), (6, 10), (12, 3), (12, 11)]],
+    3: [[(2, 4), (2, 10), (7, 6), (9, 10), (12, 8), (12, 4)]],
+    4: [[(2, 4), (8, 3), (8, 11)], [(2, 9), (12, 9)]],
+    5: [[(2, 10), (2, 4), (6, 4), (7, 9), (10, 10), (12, 6), (11, 3)]],
+    6: [[(2, 9), (7, 4), (11, 5), (11, 9), (8, 10), (7, 5)]],
+    7: [[(2, 3), (2, 11), (12, 6)]],
+    8: [[(2, 7), (3, 4), (6, 5), (8, 9), (11, 9), (12, 7), (11, 4), (8, 5), (6, 9), (3, 10), (2, 7)]],
+    9: [[(7, 10), (3, 9), (3, 5), (6, 4), (7, 10), (12, 9)]],
+}
+
+
+def stroke_digits(*, jitter: int = 0, copies: int = 1, generator: torch.Generator | None = None) -> ImageData:
+    """Rough stroke drawings of the ten digits, like quick paintings: polylines on a 14 x 14 canvas,
+    blown up to 28 x 28 in 2 x 2 blocks (blocky 2-pixel strokes, no anti-aliasing), in [-1, 1]
+    (background -1, ink +1). ``copies`` drawings per digit, each polyline point moved by up to
+    ``jitter`` cells at random. The input of SDEdit (stroke -> image), not training data."""
+    copies = check_positive_int(copies, "copies")
+    if jitter < 0:
+        raise ValueError(f"expected jitter >= 0; got {jitter}")
+    images, labels = [], []
+    for digit in range(10):
+        for _ in range(copies):
+            canvas = torch.zeros(14, 14)
+            for line in _STROKES[digit]:
+                pts = torch.tensor(line, dtype=torch.float64)
+                if jitter:
+                    pts = pts + torch.randint(-jitter, jitter + 1, pts.shape, generator=generator)
+                for a, b in zip(pts[:-1], pts[1:], strict=True):
+                    u = torch.linspace(0, 1, 60, dtype=torch.float64)[:, None]
+                    cells = (a + u * (b - a)).round().long().clamp(0, 13)  # points of the segment, on the canvas
+                    canvas[cells[:, 0], cells[:, 1]] = 1.0
+            images.append(canvas.repeat_interleave(2, 0).repeat_interleave(2, 1))
+            labels.append(digit)
+    return ImageData(torch.stack(images)[:, None] * 2 - 1, torch.tensor(labels), MNIST_CLASSES,
+                     f"stroke drawings ({copies} per digit, jitter {jitter})")

@@ -40,14 +40,20 @@ class TimeMLP(nn.Module):
         hidden: width of the hidden layers.
         depth: number of hidden layers.
         t_dim: size of the time embedding.
+        num_classes: number of classes for conditioning (``None``: unconditional). A learned label
+            embedding is added to the time embedding; index ``num_classes`` is the null class,
+            which ``y=None`` also selects (classifier-free guidance, as in ``course.unet.UNet``).
     """
 
-    def __init__(self, dim: int = 2, hidden: int = 128, depth: int = 3, t_dim: int = 32):
+    def __init__(self, dim: int = 2, hidden: int = 128, depth: int = 3, t_dim: int = 32,
+                 num_classes: int | None = None):
         super().__init__()
         self.dim = check_positive_int(dim, "dim")
         check_positive_int(hidden, "hidden")
         check_positive_int(depth, "depth")
         self.embed = SinusoidalTimeEmbedding(t_dim)
+        self.num_classes = None if num_classes is None else check_positive_int(num_classes, "num_classes")
+        self.label = None if num_classes is None else nn.Embedding(num_classes + 1, t_dim)
         layers, width = [], dim + t_dim
         for _ in range(depth):
             layers += [nn.Linear(width, hidden), nn.SiLU()]
@@ -55,9 +61,22 @@ class TimeMLP(nn.Module):
         layers.append(nn.Linear(width, dim))
         self.net = nn.Sequential(*layers)
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         check_batch(x, trailing=(self.dim,))
         if t.shape != (x.shape[0],):
             raise ValueError(f"expected t of shape ({x.shape[0]},); got {tuple(t.shape)}")
-        h = torch.cat([x, self.embed(t).to(x.dtype)], dim=1)  # (B, dim + t_dim)
+        emb = self.embed(t)
+        if self.label is None:
+            if y is not None:
+                raise ValueError("this TimeMLP is unconditional (num_classes=None); got labels y")
+        else:
+            if y is None:
+                y = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
+            if y.shape != (x.shape[0],) or y.dtype != torch.long:
+                raise ValueError(f"expected y of shape ({x.shape[0]},) and dtype int64; got {tuple(y.shape)} {y.dtype}")
+            if y.min() < 0 or y.max() > self.num_classes:
+                raise ValueError(f"expected labels in 0..{self.num_classes - 1}, or {self.num_classes} for the null "
+                                 f"class; got values from {y.min().item()} to {y.max().item()}")
+            emb = emb + self.label(y)
+        h = torch.cat([x, emb.to(x.dtype)], dim=1)  # (B, dim + t_dim)
         return self.net(h)  # (B, dim)

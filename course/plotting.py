@@ -26,6 +26,7 @@ __all__ = [
     "plot_schedules",
     "score_grid",
     "plot_score_field",
+    "plot_images",
 ]
 
 
@@ -156,6 +157,22 @@ def plot_score_field(ax, score_fn: Callable[[Tensor, Tensor], Tensor], t: float,
     ax.quiver(pts[:, 0], pts[:, 1], *(scores / norm).T, color=color, alpha=0.6,
               scale=n * 1.3, width=0.004)
     _square(ax, lim, title)
+
+
+def plot_images(ax, images: Tensor, *, nrow: int, title: str | None = None) -> None:
+    """A grid of images in [-1, 1] of shape ``(B, C, H, W)`` (C = 1 or 3), ``nrow`` images per row
+    (values outside [-1, 1] are shown saturated; the tensor is not changed)."""
+    from torchvision.utils import make_grid
+
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"expected images of shape (B, 1 or 3, H, W); got {tuple(images.shape)}")
+    grid = make_grid(((images.detach().float().cpu() + 1) / 2).clamp(0, 1), nrow=nrow, padding=1, pad_value=1.0)
+    ax.imshow(grid.permute(1, 2, 0).numpy(), cmap=None if images.shape[1] == 3 else "gray",
+              interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=9)
 
 
 def _square(ax, lim: float | None, title: str | None) -> None:

@@ -83,7 +83,11 @@ def _batches(data, batch_size: int, generator, device) -> Callable[[], Tensor]:
 
         return from_tensor
     if callable(data):
-        return lambda: data(batch_size, generator=generator).to(device)
+        def from_sampler():
+            batch = data(batch_size, generator=generator)
+            return tuple(d.to(device) for d in batch) if isinstance(batch, tuple) else batch.to(device)
+
+        return from_sampler
     raise ValueError(f"expected data to be a tensor dataset or a sampler data(n, generator); "
                      f"got {type(data).__name__}")
 
@@ -113,7 +117,7 @@ def train(model: nn.Module, loss_fn: Callable, data, config: TrainConfig, *,
 
     Args:
         loss_fn: ``loss_fn(model, batch, generator) -> scalar``.
-        data: ``data(n, generator=...) -> (n, ...)``, a ``(N, ...)`` tensor to draw batches from,
+        data: ``data(n, generator=...) -> (n, ...)`` (or a tuple of such, e.g. points and labels), a ``(N, ...)`` tensor to draw batches from,
             or a tuple of such tensors (e.g. images and labels) drawn at the same indices.
         eval_fn: called as ``eval_fn(ema_model, step)`` every ``config.eval_every`` steps and at the end.
     """

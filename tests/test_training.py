@@ -137,3 +137,20 @@ def test_tuple_dataset_keeps_rows_together():
     assert seen == [True] * 5
     with pytest.raises(ValueError, match="one first dimension"):
         train(nn.Linear(1, 1), loss_fn, (x, y[:10]), TrainConfig(steps=1, batch_size=8))
+
+
+def test_sampler_returning_a_tuple_keeps_labels_with_their_points():
+    from course.toy_data import two_class_mixture
+
+    data = two_class_mixture()
+    seen = []
+
+    def loss_fn(model, batch, g):
+        xb, yb = batch
+        nearest = torch.cdist(xb.double(), data.means).argmin(1)
+        seen.append(torch.equal(data.labels[nearest], yb))
+        return model(xb).pow(2).mean()
+
+    train(nn.Linear(2, 2), loss_fn, data.sample_labelled, TrainConfig(steps=3, batch_size=64),
+          generator=torch.Generator().manual_seed(0))
+    assert seen == [True] * 3

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from . import ch01, ch02, ch03, ch04, ch05
+from . import ch01, ch02, ch03, ch04, ch05, ch06
 from .verdict import CheckResult
 
 __all__ = ["Exercise", "CHAPTERS", "get_exercise", "check", "run_checks"]
@@ -59,6 +59,11 @@ CHAPTERS: dict[str, tuple[Exercise, ...]] = {
         Exercise("5.3", "velocity <-> score conversion", ("velocity_to_score", "score_to_velocity"),
                  ch05.check_velocity_score),
         Exercise("5.4", "minibatch OT coupling", ("ot_pair",), ch05.check_ot_pair),
+    ),
+    "06_guidance": (
+        Exercise("6.1", "the classifier-free guidance combination", ("cfg_combine",), ch06.check_cfg_combine),
+        Exercise("6.2", "one classifier-guided DDIM step", ("guided_ddim_step",), ch06.check_guided_ddim_step),
+        Exercise("6.3", "SDEdit: perturb, then denoise", ("sdedit",), ch06.check_sdedit),
     ),
 }
 

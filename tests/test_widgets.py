@@ -1,0 +1,95 @@
+"""The guidance slider and the plain function behind it; image grids; the class-conditional MLP."""
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from course.nets import TimeMLP  # noqa: E402
+from course.plotting import plot_images  # noqa: E402
+from course.recipes import sample_classes  # noqa: E402
+from course.unet import UNet  # noqa: E402
+from course.widgets import cfg_samples, guidance_slider  # noqa: E402
+
+
+def _unet():
+    torch.manual_seed(0)
+    net = UNet(1, channels=(8, 8, 8), num_classes=10, groups=4, patch=2)
+    with torch.no_grad():  # random weights everywhere (the output layer starts at zero): labels must matter
+        for p in net.parameters():
+            p.normal_(0.0, 0.2)
+    return net.eval()
+
+
+def test_cfg_samples_are_the_seeded_guided_sampler():
+    net = _unet()
+    got = cfg_samples(net, 2.0, classes=[3, 7], per_class=2, nfe=3, seed=5)
+    ref = sample_classes(net, torch.tensor([3, 3, 7, 7]), w=2.0, nfe=3, generator=torch.Generator().manual_seed(5))
+    assert got.shape == (4, 1, 28, 28) and got.dtype == torch.float32
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+def test_cfg_samples_share_the_noise_across_w():
+    net = _unet()
+    a = cfg_samples(net, 0.0, classes=[1], per_class=3, nfe=1, seed=0)
+    b = cfg_samples(net, 4.0, classes=[1], per_class=3, nfe=1, seed=0)
+    # one Euler step from t = 1: x = x1 - v(x1, 1); the same x1 for both weights
+    x1 = torch.randn((3, 1, 28, 28), generator=torch.Generator().manual_seed(0))
+    y, null = torch.ones(3, dtype=torch.long), torch.full((3,), 10)
+    t = torch.ones(3)
+    with torch.no_grad():
+        cond, uncond = net(x1, t, y=y), net(x1, t, y=null)
+    torch.testing.assert_close(a, x1 - cond, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b, x1 - (5 * cond - 4 * uncond), rtol=1e-5, atol=1e-5)
+    assert (a - b).abs().max() > 1e-3
+
+
+def test_cfg_samples_errors():
+    net = _unet()
+    with pytest.raises(ValueError, match="w >= 0"):
+        cfg_samples(net, -1.0, per_class=1, nfe=1)
+    with pytest.raises(ValueError, match="at least one class"):
+        cfg_samples(net, 1.0, classes=[], nfe=1)
+    with pytest.raises(ValueError, match="per_class"):
+        cfg_samples(net, 1.0, per_class=0, nfe=1)
+
+
+def test_guidance_slider_draws_the_function_at_each_value():
+    net = _unet()
+    widget = guidance_slider(net, classes=[0, 1, 2], per_class=2, nfe=2, seed=1, w_max=4.0)
+    slider = widget.children[0]
+    assert (slider.min, slider.max, slider.value) == (0.0, 4.0, 0.0)
+    torch.testing.assert_close(widget.result, cfg_samples(net, 0.0, classes=[0, 1, 2], per_class=2, nfe=2, seed=1))
+    slider.value = 3.0
+    torch.testing.assert_close(widget.result, cfg_samples(net, 3.0, classes=[0, 1, 2], per_class=2, nfe=2, seed=1))
+    plt.close("all")
+
+
+def test_plot_images_grid_and_errors():
+    fig, ax = plt.subplots()
+    images = torch.linspace(-1, 1, 6 * 28 * 28).reshape(6, 1, 28, 28)
+    plot_images(ax, images, nrow=3, title="grid")
+    shown = ax.get_images()[0].get_array()
+    assert shown.shape[:2] == (2 * 29 + 1, 3 * 29 + 1)  # 1-pixel padding around every image
+    assert ax.get_title() == "grid"
+    with pytest.raises(ValueError, match=r"\(B, 1 or 3, H, W\)"):
+        plot_images(ax, torch.zeros(2, 28, 28), nrow=2)
+    plt.close(fig)
+
+
+def test_conditional_time_mlp_labels_and_null_class():
+    torch.manual_seed(0)
+    net = TimeMLP(hidden=16, depth=1, num_classes=2)
+    x, t = torch.randn(4, 2), torch.rand(4)
+    null = net(x, t, y=torch.full((4,), 2))
+    torch.testing.assert_close(net(x, t), null)
+    assert (net(x, t, y=torch.zeros(4, dtype=torch.long)) - null).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="labels in 0..1"):
+        net(x, t, y=torch.full((4,), 3))
+    with pytest.raises(ValueError, match="dtype int64"):
+        net(x, t, y=torch.zeros(4))
+    with pytest.raises(ValueError, match="unconditional"):
+        TimeMLP(hidden=16, depth=1)(x, t, y=torch.zeros(4, dtype=torch.long))
