@@ -93,3 +93,29 @@ def test_conditional_time_mlp_labels_and_null_class():
         net(x, t, y=torch.zeros(4))
     with pytest.raises(ValueError, match="unconditional"):
         TimeMLP(hidden=16, depth=1)(x, t, y=torch.zeros(4, dtype=torch.long))
+
+
+def test_stroke_digits_are_recognisable_drawings():
+    from course.datasets import stroke_digits
+    from course.image_metrics import class_accuracy
+    from course.pretrained import load
+
+    plain = stroke_digits()
+    assert plain.images.shape == (10, 1, 28, 28) and plain.labels.tolist() == list(range(10))
+    assert set(plain.images.unique().tolist()) == {-1.0, 1.0}  # ink and background only
+    ink = (plain.images > 0).flatten(1).float().mean(1)
+    assert ((ink > 0.05) & (ink < 0.4)).all(), ink  # strokes, neither empty nor filled
+    # 2 x 2 blocks: every pixel equals its block's top-left pixel
+    blocks = plain.images[:, :, ::2, ::2].repeat_interleave(2, 2).repeat_interleave(2, 3)
+    assert torch.equal(blocks, plain.images)
+    jittered = stroke_digits(jitter=1, copies=5, generator=torch.Generator().manual_seed(0))
+    again = stroke_digits(jitter=1, copies=5, generator=torch.Generator().manual_seed(0))
+    assert len(jittered) == 50 and torch.equal(jittered.images, again.images)
+    assert jittered.labels.tolist() == [d for d in range(10) for _ in range(5)]
+    assert not torch.equal(jittered.images[::5], plain.images)
+    # the shipped evaluation classifier reads them as their digits (they are drawings of digits)
+    assert class_accuracy(load("mnist_classifier"), jittered.images, jittered.labels) >= 0.8
+    with pytest.raises(ValueError, match="jitter >= 0"):
+        stroke_digits(jitter=-1)
+    with pytest.raises(ValueError, match="copies"):
+        stroke_digits(copies=0)
