@@ -197,10 +197,13 @@ def stroke_digits(*, jitter: int = 0, copies: int = 1, generator: torch.Generato
     """Rough stroke drawings of the ten digits, like quick paintings: polylines on a 14 x 14 canvas,
     blown up to 28 x 28 in 2 x 2 blocks (blocky 2-pixel strokes, no anti-aliasing), in [-1, 1]
     (background -1, ink +1). ``copies`` drawings per digit, each polyline point moved by up to
-    ``jitter`` cells at random. The input of SDEdit (stroke -> image), not training data."""
+    ``jitter`` (0 or 1) cells at random, so every drawing stays on the canvas. The input of SDEdit
+    (stroke -> image), not training data."""
     copies = check_positive_int(copies, "copies")
-    if jitter < 0:
-        raise ValueError(f"expected jitter >= 0; got {jitter}")
+    if jitter not in (0, 1):
+        raise ValueError(f"expected jitter 0 or 1 (cells; the drawings span rows and columns 2..12 of 0..13); "
+                         f"got {jitter}")
+    u = torch.linspace(0, 1, 60, dtype=torch.float64)[:, None]  # points along each segment
     images, labels = [], []
     for digit in range(10):
         for _ in range(copies):
@@ -210,8 +213,7 @@ def stroke_digits(*, jitter: int = 0, copies: int = 1, generator: torch.Generato
                 if jitter:
                     pts = pts + torch.randint(-jitter, jitter + 1, pts.shape, generator=generator)
                 for a, b in zip(pts[:-1], pts[1:], strict=True):
-                    u = torch.linspace(0, 1, 60, dtype=torch.float64)[:, None]
-                    cells = (a + u * (b - a)).round().long().clamp(0, 13)  # points of the segment, on the canvas
+                    cells = (a + u * (b - a)).round().long()
                     canvas[cells[:, 0], cells[:, 1]] = 1.0
             images.append(canvas.repeat_interleave(2, 0).repeat_interleave(2, 1))
             labels.append(digit)

@@ -26,6 +26,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from .conversions import convert
 from .fast_samplers import ddim_step
 from .paths import GaussianPath
 from .utils import as_time, check_batch, check_time_scalar
@@ -79,8 +80,6 @@ def classifier_guided_velocity(velocity_fn: Callable, classifier: Callable, scal
     which moves the velocity by b(t) * scale * grad with b(t) = sigma (alpha' sigma / alpha - sigma'),
     the score coefficient of the velocity (-sigma / alpha on the linear path). b is infinite where
     alpha = 0 (pure noise, where the classifier sees no class); there no guidance is added."""
-    from .conversions import convert
-
     def guided(x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         v = velocity_fn(x, t)  # unconditional (a class-conditional U-Net called without y: its null class)
         g = classifier_log_prob_grad(classifier, x, t, y)

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from .utils import check_batch, check_positive_int
 
-__all__ = ["SinusoidalTimeEmbedding", "TimeMLP"]
+__all__ = ["SinusoidalTimeEmbedding", "LabelEmbedding", "TimeMLP"]
 
 
 class SinusoidalTimeEmbedding(nn.Module):
@@ -30,6 +30,26 @@ class SinusoidalTimeEmbedding(nn.Module):
     def forward(self, t: Tensor) -> Tensor:
         angles = t.to(self.freqs.dtype)[:, None] * self.freqs  # (B, dim/2)
         return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)  # (B, dim)
+
+
+class LabelEmbedding(nn.Embedding):
+    """A learned embedding of class labels ``0..num_classes - 1`` plus the *null* class
+    ``num_classes``, which ``y=None`` selects: the unconditional model that classifier-free
+    guidance needs (training drops labels to it). Shared by ``TimeMLP`` and ``UNet``."""
+
+    def __init__(self, num_classes: int, dim: int):
+        self.num_classes = check_positive_int(num_classes, "num_classes")
+        super().__init__(num_classes + 1, dim)
+
+    def forward(self, y: Tensor | None, batch: int) -> Tensor:
+        if y is None:
+            y = torch.full((batch,), self.num_classes, dtype=torch.long, device=self.weight.device)
+        if y.shape != (batch,) or y.dtype != torch.long:
+            raise ValueError(f"expected y of shape ({batch},) and dtype int64; got {tuple(y.shape)} {y.dtype}")
+        if y.min() < 0 or y.max() > self.num_classes:
+            raise ValueError(f"expected labels in 0..{self.num_classes - 1}, or {self.num_classes} for the null "
+                             f"class; got values from {y.min().item()} to {y.max().item()}")
+        return super().forward(y)
 
 
 class TimeMLP(nn.Module):
@@ -53,7 +73,7 @@ class TimeMLP(nn.Module):
         check_positive_int(depth, "depth")
         self.embed = SinusoidalTimeEmbedding(t_dim)
         self.num_classes = None if num_classes is None else check_positive_int(num_classes, "num_classes")
-        self.label = None if num_classes is None else nn.Embedding(num_classes + 1, t_dim)
+        self.label = None if num_classes is None else LabelEmbedding(num_classes, t_dim)
         layers, width = [], dim + t_dim
         for _ in range(depth):
             layers += [nn.Linear(width, hidden), nn.SiLU()]
@@ -66,17 +86,9 @@ class TimeMLP(nn.Module):
         if t.shape != (x.shape[0],):
             raise ValueError(f"expected t of shape ({x.shape[0]},); got {tuple(t.shape)}")
         emb = self.embed(t)
-        if self.label is None:
-            if y is not None:
-                raise ValueError("this TimeMLP is unconditional (num_classes=None); got labels y")
-        else:
-            if y is None:
-                y = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
-            if y.shape != (x.shape[0],) or y.dtype != torch.long:
-                raise ValueError(f"expected y of shape ({x.shape[0]},) and dtype int64; got {tuple(y.shape)} {y.dtype}")
-            if y.min() < 0 or y.max() > self.num_classes:
-                raise ValueError(f"expected labels in 0..{self.num_classes - 1}, or {self.num_classes} for the null "
-                                 f"class; got values from {y.min().item()} to {y.max().item()}")
-            emb = emb + self.label(y)
+        if self.label is not None:
+            emb = emb + self.label(y, x.shape[0])
+        elif y is not None:
+            raise ValueError("this TimeMLP is unconditional (num_classes=None); got labels y")
         h = torch.cat([x, emb.to(x.dtype)], dim=1)  # (B, dim + t_dim)
         return self.net(h)  # (B, dim)

@@ -164,9 +164,11 @@ def plot_images(ax, images: Tensor, *, nrow: int, title: str | None = None) -> N
     (values outside [-1, 1] are shown saturated; the tensor is not changed)."""
     from torchvision.utils import make_grid
 
+    from .datasets import to_unit_range
+
     if images.ndim != 4 or images.shape[1] not in (1, 3):
         raise ValueError(f"expected images of shape (B, 1 or 3, H, W); got {tuple(images.shape)}")
-    grid = make_grid(((images.detach().float().cpu() + 1) / 2).clamp(0, 1), nrow=nrow, padding=1, pad_value=1.0)
+    grid = make_grid(to_unit_range(images.detach().float().cpu()), nrow=nrow, padding=1, pad_value=1.0)
     ax.imshow(grid.permute(1, 2, 0).numpy(), cmap=None if images.shape[1] == 3 else "gray",
               interpolation="nearest")
     ax.set_xticks([])

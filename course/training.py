@@ -1,10 +1,10 @@
 """One small training loop for the whole course, and atomic checkpoints.
 
 ``train`` runs Adam on ``loss_fn(model, batch, generator)`` over batches drawn from ``data``
-(a sampler ``data(n, generator)``, a tensor dataset or a tuple of tensors such as images and labels), with gradient clipping, a cosine
-learning-rate decay, an exponential moving average (EMA) of the weights, a periodic evaluation
-callback, an optional wall-clock limit and a tqdm progress bar. Seeds and the device come from
-arguments.
+(a sampler ``data(n, generator)``, a tensor dataset or a tuple of tensors such as images and
+labels), with gradient clipping, a cosine learning-rate decay, an exponential moving average
+(EMA) of the weights, a periodic evaluation callback, an optional wall-clock limit and a tqdm
+progress bar. Seeds and the device come from arguments.
 """
 
 from __future__ import annotations
@@ -117,8 +117,9 @@ def train(model: nn.Module, loss_fn: Callable, data, config: TrainConfig, *,
 
     Args:
         loss_fn: ``loss_fn(model, batch, generator) -> scalar``.
-        data: ``data(n, generator=...) -> (n, ...)`` (or a tuple of such, e.g. points and labels), a ``(N, ...)`` tensor to draw batches from,
-            or a tuple of such tensors (e.g. images and labels) drawn at the same indices.
+        data: a sampler ``data(n, generator=...)`` returning a batch ``(n, ...)`` or a tuple of
+            batches (e.g. points and labels); a ``(N, ...)`` tensor to draw batches from; or a
+            tuple of such tensors (e.g. images and labels) drawn at the same indices.
         eval_fn: called as ``eval_fn(ema_model, step)`` every ``config.eval_every`` steps and at the end.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .nets import SinusoidalTimeEmbedding
+from .nets import LabelEmbedding, SinusoidalTimeEmbedding
 from .utils import check_batch, check_positive_int
 
 __all__ = ["UNet", "ResBlock"]
@@ -68,7 +68,7 @@ class UNet(nn.Module):
         self.num_classes = None if num_classes is None else check_positive_int(num_classes, "num_classes")
         self.time = nn.Sequential(SinusoidalTimeEmbedding(emb_dim), nn.Linear(emb_dim, emb_dim), nn.SiLU(),
                                   nn.Linear(emb_dim, emb_dim))
-        self.label = nn.Embedding(num_classes + 1, emb_dim) if num_classes is not None else None
+        self.label = LabelEmbedding(num_classes, emb_dim) if num_classes is not None else None
         self.patch = check_positive_int(patch, "patch")
         self.stem = nn.Sequential(nn.PixelUnshuffle(patch), nn.Conv2d(in_channels * patch**2, c0, 3, padding=1))
         self.down0 = ResBlock(c0, c0, emb_dim, groups)
@@ -83,18 +83,11 @@ class UNet(nn.Module):
 
     def embed(self, t: Tensor, y: Tensor | None, batch: int) -> Tensor:
         emb = self.time(t)
-        if self.label is None:
-            if y is not None:
-                raise ValueError("this U-Net is unconditional (num_classes=None); got labels y")
-            return emb
-        if y is None:
-            y = torch.full((batch,), self.num_classes, dtype=torch.long, device=t.device)
-        if y.shape != (batch,) or y.dtype != torch.long:
-            raise ValueError(f"expected y of shape ({batch},) and dtype int64; got {tuple(y.shape)} {y.dtype}")
-        if y.min() < 0 or y.max() > self.num_classes:
-            raise ValueError(f"expected labels in 0..{self.num_classes - 1}, or {self.num_classes} for the null "
-                             f"class; got values from {y.min().item()} to {y.max().item()}")
-        return emb + self.label(y)
+        if self.label is not None:
+            return emb + self.label(y, batch)
+        if y is not None:
+            raise ValueError("this U-Net is unconditional (num_classes=None); got labels y")
+        return emb
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         check_batch(x, ndim=4)

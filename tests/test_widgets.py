@@ -115,7 +115,8 @@ def test_stroke_digits_are_recognisable_drawings():
     assert not torch.equal(jittered.images[::5], plain.images)
     # the shipped evaluation classifier reads them as their digits (they are drawings of digits)
     assert class_accuracy(load("mnist_classifier"), jittered.images, jittered.labels) >= 0.8
-    with pytest.raises(ValueError, match="jitter >= 0"):
-        stroke_digits(jitter=-1)
+    for bad in (-1, 2):
+        with pytest.raises(ValueError, match="expected jitter 0 or 1"):
+            stroke_digits(jitter=bad)
     with pytest.raises(ValueError, match="copies"):
         stroke_digits(copies=0)

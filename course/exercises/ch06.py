@@ -160,8 +160,7 @@ def check_sdedit(sdedit: Callable, *, seed: int | None = None) -> CheckResult:
                     where = f"from t0={t0:.2f} in {n_steps} steps for input shape {shape} on the {_path_name(path)}"
                     got = call_student(sdedit, "sdedit", velocity_fn, x.clone(), t0, n_steps, eps.clone(), path,
                                        where=where)
-                    t0_ = torch.full((shape[0],), t0, dtype=torch.float64)
-                    a, s = expand_like(path.alpha(t0_), x), expand_like(path.sigma(t0_), x)
+                    a, s = path.coefficients(t0, x)
                     x_t0 = a * x + s * eps
 
                     def grid(start, n):
