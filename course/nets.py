@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from .utils import check_batch, check_positive_int
 
-__all__ = ["SinusoidalTimeEmbedding", "LabelEmbedding", "TimeMLP"]
+__all__ = ["SinusoidalTimeEmbedding", "LabelEmbedding", "IntervalEmbedding", "TimeMLP"]
 
 
 class SinusoidalTimeEmbedding(nn.Module):
@@ -52,6 +52,36 @@ class LabelEmbedding(nn.Embedding):
         return super().forward(y)
 
 
+class IntervalEmbedding(nn.Module):
+    """An embedding of the interval t - r of a two-time model u(x, t, r=r) (MeanFlow's average
+    velocity), added to the time embedding. Its output layer starts at zero, so a model built
+    with it and loaded with a one-time model's weights computes exactly that model at first
+    (tested), whatever r is."""
+
+    def __init__(self, dim: int, max_freq: float = 100.0):
+        super().__init__()
+        self.embed = SinusoidalTimeEmbedding(dim, max_freq)
+        self.proj = nn.Linear(dim, dim)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, t: Tensor, r: Tensor | None) -> Tensor:
+        if r is None:
+            r = t
+        if r.shape != t.shape:
+            raise ValueError(f"expected r of shape {tuple(t.shape)} like t; got {tuple(r.shape)}")
+        return self.proj(self.embed(t - r))
+
+
+def interval_embedding(module: IntervalEmbedding | None, t: Tensor, r: Tensor | None, owner: str):
+    """``module(t, r)``, or 0 for a one-time model called without ``r``."""
+    if module is None:
+        if r is not None:
+            raise ValueError(f"this {owner} takes one time (interval=False); got r")
+        return 0.0
+    return module(t, r)
+
+
 class TimeMLP(nn.Module):
     """An MLP on [x, embed(t)] with SiLU activations: small and fast on a CPU.
 
@@ -63,10 +93,12 @@ class TimeMLP(nn.Module):
         num_classes: number of classes for conditioning (``None``: unconditional). A learned label
             embedding is added to the time embedding; index ``num_classes`` is the null class,
             which ``y=None`` also selects (classifier-free guidance, as in ``course.unet.UNet``).
+        interval: also take a second time ``r`` (``model(x, t, r=r)``, MeanFlow), through an
+            :class:`IntervalEmbedding` of t - r; ``r=None`` means r = t.
     """
 
     def __init__(self, dim: int = 2, hidden: int = 128, depth: int = 3, t_dim: int = 32,
-                 num_classes: int | None = None):
+                 num_classes: int | None = None, interval: bool = False):
         super().__init__()
         self.dim = check_positive_int(dim, "dim")
         check_positive_int(hidden, "hidden")
@@ -74,6 +106,7 @@ class TimeMLP(nn.Module):
         self.embed = SinusoidalTimeEmbedding(t_dim)
         self.num_classes = None if num_classes is None else check_positive_int(num_classes, "num_classes")
         self.label = None if num_classes is None else LabelEmbedding(num_classes, t_dim)
+        self.interval = IntervalEmbedding(t_dim) if interval else None
         layers, width = [], dim + t_dim
         for _ in range(depth):
             layers += [nn.Linear(width, hidden), nn.SiLU()]
@@ -81,7 +114,7 @@ class TimeMLP(nn.Module):
         layers.append(nn.Linear(width, dim))
         self.net = nn.Sequential(*layers)
 
-    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None, r: Tensor | None = None) -> Tensor:
         check_batch(x, trailing=(self.dim,))
         if t.shape != (x.shape[0],):
             raise ValueError(f"expected t of shape ({x.shape[0]},); got {tuple(t.shape)}")
@@ -90,5 +123,6 @@ class TimeMLP(nn.Module):
             emb = emb + self.label(y, x.shape[0])
         elif y is not None:
             raise ValueError("this TimeMLP is unconditional (num_classes=None); got labels y")
+        emb = emb + interval_embedding(self.interval, t, r, "TimeMLP")
         h = torch.cat([x, emb.to(x.dtype)], dim=1)  # (B, dim + t_dim)
         return self.net(h)  # (B, dim)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .nets import LabelEmbedding, SinusoidalTimeEmbedding
+from .nets import IntervalEmbedding, LabelEmbedding, SinusoidalTimeEmbedding, interval_embedding
 from .utils import check_batch, check_positive_int
 
 __all__ = ["UNet", "ResBlock"]
@@ -56,10 +56,13 @@ class UNet(nn.Module):
         groups: GroupNorm groups (0: no normalisation).
         patch: 2 folds each 2x2 pixel patch into channels first (``PixelUnshuffle``), so the
             network runs at half resolution (28 -> 14 -> 7 -> 4); 1 works on pixels.
+        interval: also take a second time ``r`` (``model(x, t, y, r=r)``, MeanFlow's average
+            velocity) through a zero-initialised :class:`~course.nets.IntervalEmbedding`.
     """
 
     def __init__(self, in_channels: int = 1, channels: tuple[int, int, int] = (32, 64, 64), emb_dim: int = 128,
-                 num_classes: int | None = None, groups: int = 8, patch: int = 1):
+                 num_classes: int | None = None, groups: int = 8, patch: int = 1,
+                 interval: bool = False):
         super().__init__()
         self.in_channels = check_positive_int(in_channels, "in_channels")
         if len(channels) != 3:
@@ -69,6 +72,7 @@ class UNet(nn.Module):
         self.time = nn.Sequential(SinusoidalTimeEmbedding(emb_dim), nn.Linear(emb_dim, emb_dim), nn.SiLU(),
                                   nn.Linear(emb_dim, emb_dim))
         self.label = LabelEmbedding(num_classes, emb_dim) if num_classes is not None else None
+        self.interval = IntervalEmbedding(emb_dim) if interval else None
         self.patch = check_positive_int(patch, "patch")
         self.stem = nn.Sequential(nn.PixelUnshuffle(patch), nn.Conv2d(in_channels * patch**2, c0, 3, padding=1))
         self.down0 = ResBlock(c0, c0, emb_dim, groups)
@@ -81,15 +85,15 @@ class UNet(nn.Module):
         self.out = nn.Sequential(_norm(c0, groups), nn.SiLU(), nn.Conv2d(c0, in_channels * patch**2, 3, padding=1),
                                  nn.PixelShuffle(patch))
 
-    def embed(self, t: Tensor, y: Tensor | None, batch: int) -> Tensor:
-        emb = self.time(t)
+    def embed(self, t: Tensor, y: Tensor | None, batch: int, r: Tensor | None = None) -> Tensor:
+        emb = self.time(t) + interval_embedding(self.interval, t, r, "U-Net")
         if self.label is not None:
             return emb + self.label(y, batch)
         if y is not None:
             raise ValueError("this U-Net is unconditional (num_classes=None); got labels y")
         return emb
 
-    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None, r: Tensor | None = None) -> Tensor:
         check_batch(x, ndim=4)
         if x.shape[1] != self.in_channels:
             raise ValueError(f"expected x with {self.in_channels} channel(s); got shape {tuple(x.shape)}")
@@ -97,7 +101,7 @@ class UNet(nn.Module):
             raise ValueError(f"expected height and width divisible by patch={self.patch}; got shape {tuple(x.shape)}")
         if t.shape != (x.shape[0],):
             raise ValueError(f"expected t of shape ({x.shape[0]},); got {tuple(t.shape)}")
-        emb = self.embed(t.to(x.dtype), y, x.shape[0]).to(x.dtype)
+        emb = self.embed(t.to(x.dtype), y, x.shape[0], None if r is None else r.to(x.dtype)).to(x.dtype)
         h0 = self.down0(self.stem(x), emb)  # (B, c0, H, W)
         h1 = self.down1(self.pool0(h0), emb)  # (B, c1, H/2, W/2)
         h = self.mid(self.pool1(h1), emb)  # (B, c2, H/4, W/4)
