@@ -43,6 +43,7 @@ from .conversions import check_prediction, to_eps, to_x0
 from .fast_samplers import log_snr
 from .ode import solve_ode
 from .paths import GaussianPath
+from .samplers import SamplerStep
 from .utils import check_batch, check_positive, check_positive_int, expand_like
 
 __all__ = ["PARAMETERISATIONS", "relative_coefficients", "ConsistencyFunction", "EMATarget", "consistency_grid",
@@ -292,8 +293,6 @@ def sample_consistency(f: Callable, x_init: Tensor, ts: Tensor, *, path: Gaussia
         z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
         x = f(expand_like(abar, x) * x + expand_like(sbar, x) * z, t, **cond)
         if callback is not None:
-            from .samplers import SamplerStep
-
             callback(SamplerStep(i=i, t=tau, x=x))
     return x
 

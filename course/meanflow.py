@@ -26,6 +26,7 @@ from torch import Tensor
 
 from .flow_matching import conditional_velocity
 from .paths import GaussianPath
+from .samplers import SamplerStep, check_decreasing_grid
 from .utils import check_batch, expand_like
 
 __all__ = ["sample_time_pairs", "meanflow_target", "meanflow_loss", "sample_meanflow"]
@@ -79,8 +80,6 @@ def sample_meanflow(model: Callable, x_init: Tensor, ts: Tensor, *, callback: Ca
                     **cond) -> Tensor:
     """z_r = z_t - (t - r) u(z_t, t, r) over the decreasing grid ``ts`` (one NFE per step);
     ``ts = [1, 0]`` is one-step generation."""
-    from .samplers import SamplerStep, check_decreasing_grid
-
     check_batch(x_init, name="x_init")
     grid, x = check_decreasing_grid(ts), x_init
     for i in range(len(grid) - 1):
