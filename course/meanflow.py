@@ -59,17 +59,24 @@ def meanflow_target(model: Callable, z: Tensor, t: Tensor, r: Tensor, v: Tensor,
 
 
 def meanflow_loss(model: Callable, x0: Tensor, path: GaussianPath, *, share_distinct: float = 0.25,
-                  adaptive_p: float = 1.0, adaptive_c: float = 1e-3, generator: torch.Generator | None = None,
-                  **cond) -> Tensor:
+                  adaptive_p: float = 1.0, adaptive_c: float = 1e-3, teacher_velocity: Callable | None = None,
+                  generator: torch.Generator | None = None, **cond) -> Tensor:
     """MeanFlow's loss on a batch ``x0``: sg(w) ||u_theta - sg(u_tgt)||^2 with the adaptive weight
     w = 1 / (||delta||^2 + c)^p (p = 0: plain squared error; the paper uses p = 1). Squares are
-    averaged over data dimensions."""
+    averaged over data dimensions. v is the conditional velocity alpha' x0 + sigma' eps, or with
+    ``teacher_velocity`` a trained model's (marginal, e.g. guided) velocity at (z_t, t): MeanFlow
+    distilled from a teacher."""
     check_batch(x0, name="x0")
     t, r = sample_time_pairs(x0.shape[0], share_distinct=share_distinct, generator=generator,
                              dtype=x0.dtype, device=x0.device)
     eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
     z = path.sample(x0, t, eps=eps).x_t
-    pred, target = meanflow_target(model, z, t, r, conditional_velocity(path, x0, eps, t), **cond)
+    if teacher_velocity is None:
+        v = conditional_velocity(path, x0, eps, t)
+    else:
+        with torch.no_grad():
+            v = teacher_velocity(z, t, **cond)
+    pred, target = meanflow_target(model, z, t, r, v, **cond)
     err = (pred - target).pow(2).flatten(1).mean(1)
     weight = 1.0 / (err.detach() + adaptive_c) ** adaptive_p
     return (weight * err).mean()

@@ -6,12 +6,16 @@ the model on the held-out split, and writes ``checkpoints/NAME.pt`` atomically w
 ``checkpoints/manifest.json`` (sha256, the recipe's fields, training wall time on this machine,
 the measured metrics). :func:`course.pretrained.load` reads them back.
 
-Recipes:
+A recipe's ``kind`` names a :class:`RecipeKind` (how to build, train and measure that kind of
+model). The module that owns a kind registers it with :func:`register_kind` and its recipes with
+:func:`register_recipe`; this module only runs them. Recipes defined here:
 - ``mnist_classifier``: the evaluation classifier (clean digits; features for MNIST-FD).
 - ``mnist_noisy_classifier``: a time-conditioned classifier of x_t on the linear (rectified-flow)
   path, for classifier guidance.
 - ``mnist_cfm_unet``: a class-conditional U-Net trained with the rectified-flow (CFM) loss and
   label dropout to the null class, for classifier-free guidance.
+
+Chapter 07's students (``course.distillation_recipes``) are registered when this module is imported.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import os
 import platform
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -38,11 +43,9 @@ from .training import TrainConfig, save_checkpoint, train
 from .unet import UNet
 from .utils import check_positive_int, fast_mode
 
-__all__ = ["Recipe", "RECIPES", "get_recipe", "build_model", "recipe_loss", "run_recipe", "sample_classes",
-           "random_shift",
+__all__ = ["Recipe", "RecipeKind", "RECIPES", "KINDS", "register_kind", "register_recipe", "get_recipe",
+           "build_model", "recipe_loss", "run_recipe", "sample_classes", "sample_metrics", "random_shift",
            "checkpoint_dir", "sha256_of"]
-
-KINDS = ("classifier", "noisy_classifier", "cfm_unet")
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,7 @@ class Recipe:
     """Everything that determines a checkpoint (stored in the manifest)."""
 
     name: str
-    kind: str  # one of KINDS
+    kind: str  # a registered RecipeKind (KINDS)
     steps: int
     batch_size: int
     lr: float
@@ -64,25 +67,54 @@ class Recipe:
     fast_steps: int = 20  # steps under COURSE_FAST=1 (tests)
     eval_w: float = 1.0  # U-Net: guidance weight of the reported metrics
     eval_nfe: int = 20  # U-Net: Euler steps of the reported metrics (2 NFE each when eval_w > 0)
+    teacher: str = ""  # distillation: the recipe whose checkpoint is the teacher
+    student_steps: int = 1  # distillation: sampling steps of the student
     description: str = ""
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"unknown recipe kind {self.kind!r}; expected one of {', '.join(KINDS)}")
+        check_positive_int(self.student_steps, "student_steps")
         check_positive_int(self.steps, "steps")
         check_positive_int(self.fast_steps, "fast_steps")
         if not 0 <= self.label_dropout < 1:
             raise ValueError(f"expected 0 <= label_dropout < 1; got {self.label_dropout}")
 
 
-RECIPES: dict[str, Recipe] = {r.name: r for r in (
-    Recipe("mnist_classifier", "classifier", steps=1500, batch_size=128, lr=2e-3, width=16,
-           description="evaluation classifier for MNIST (class accuracy, MNIST-FD features)"),
-    Recipe("mnist_noisy_classifier", "noisy_classifier", steps=2000, batch_size=128, lr=2e-3,
-           description="time-conditioned classifier of x_t on the linear path, for classifier guidance"),
-    Recipe("mnist_cfm_unet", "cfm_unet", steps=3000, batch_size=128, lr=2e-3, ema_decay=0.999,
-           description="class-conditional U-Net, rectified-flow loss, 10% label dropout (CFG)"),
-)}
+@dataclass(frozen=True)
+class RecipeKind:
+    """How one kind of model is built, trained and measured.
+
+    ``build(recipe)`` gives the untrained network (also used to load checkpoints);
+    ``prepare(recipe, model, folder, fast)`` may load a teacher or initial weights and returns a
+    context dict; ``loss(recipe, model, context)`` gives ``loss(model, (images, labels), generator)``;
+    ``metrics(recipe, model, held_out, fast, classifier, context)`` measures the trained model (the
+    evaluation classifier is loaded when ``needs_classifier``)."""
+
+    build: Callable[[Recipe], nn.Module]
+    loss: Callable[[Recipe, nn.Module, dict], Callable]
+    metrics: Callable[..., dict]
+    prepare: Callable[..., dict] | None = None
+    needs_classifier: bool = False
+
+
+KINDS: dict[str, RecipeKind] = {}
+RECIPES: dict[str, Recipe] = {}
+
+
+def register_kind(name: str, kind: RecipeKind) -> None:
+    """Make recipe kind ``name`` known (called by the module that owns it, at import)."""
+    if name in KINDS and KINDS[name] is not kind:
+        raise ValueError(f"recipe kind {name!r} is already registered")
+    KINDS[name] = kind
+
+
+def register_recipe(recipe: Recipe) -> Recipe:
+    """Make ``recipe`` runnable by ``course train`` and loadable by ``course.pretrained.load``."""
+    if recipe.name in RECIPES and RECIPES[recipe.name] != recipe:
+        raise ValueError(f"recipe {recipe.name!r} is already registered")
+    RECIPES[recipe.name] = recipe
+    return recipe
 
 
 def get_recipe(name: str) -> Recipe:
@@ -91,12 +123,14 @@ def get_recipe(name: str) -> Recipe:
     return RECIPES[name]
 
 
-def build_model(recipe: Recipe, *, num_classes: int = 10, in_channels: int = 1) -> nn.Module:
+def build_model(recipe: Recipe) -> nn.Module:
     """The untrained network of ``recipe``."""
-    if recipe.kind == "cfm_unet":
-        return UNet(in_channels, channels=recipe.channels, num_classes=num_classes, patch=recipe.patch)
-    return ConvClassifier(in_channels, num_classes, width=recipe.width,
-                          time_conditional=recipe.kind == "noisy_classifier")
+    return KINDS[recipe.kind].build(recipe)
+
+
+def recipe_loss(recipe: Recipe, model: nn.Module | None = None, context: dict | None = None):
+    """The training loss ``loss(model, (images, labels), generator)`` of ``recipe``."""
+    return KINDS[recipe.kind].loss(recipe, model, context or {})
 
 
 def random_shift(x: Tensor, max_shift: int, generator: torch.Generator | None = None) -> Tensor:
@@ -115,27 +149,6 @@ def random_shift(x: Tensor, max_shift: int, generator: torch.Generator | None = 
 PATH = LinearPath()
 
 
-def recipe_loss(recipe: Recipe, num_classes: int = 10):
-    """The training loss ``loss(model, (images, labels), generator)`` of ``recipe``."""
-    if recipe.kind == "classifier":
-        def loss(model, batch, g):
-            x, y = batch
-            return F.cross_entropy(model(random_shift(x, recipe.max_shift, g)), y)
-    elif recipe.kind == "noisy_classifier":
-        def loss(model, batch, g):
-            x, y = batch
-            x = random_shift(x, recipe.max_shift, g)
-            t = torch.rand(x.shape[0], generator=g)
-            x_t = PATH.sample(x, t, eps=torch.randn(x.shape, generator=g)).x_t
-            return F.cross_entropy(model(x_t, t), y)
-    else:
-        def loss(model, batch, g):
-            x, y = batch
-            drop = torch.rand(y.shape[0], generator=g) < recipe.label_dropout
-            return cfm_loss(model, x, PATH, generator=g, y=torch.where(drop, num_classes, y))
-    return loss
-
-
 @torch.no_grad()
 def sample_classes(model: nn.Module, labels: Tensor, *, w: float = 1.0, nfe: int = 20,
                    generator: torch.Generator | None = None, batch: int = 500) -> Tensor:
@@ -152,36 +165,103 @@ def sample_classes(model: nn.Module, labels: Tensor, *, w: float = 1.0, nfe: int
     return torch.cat(out)
 
 
-def _metrics(recipe: Recipe, model: nn.Module, held_out: ImageData, fast: bool,
-             classifier: nn.Module | None) -> dict:
-    from .image_metrics import class_accuracy, evaluate_class_conditional
+def eval_labels(fast: bool) -> Tensor:
+    """The labels of a generator's reported metrics: 100 per class (5 in fast mode)."""
+    return torch.arange(10).repeat_interleave(5 if fast else 100)
 
+
+def sample_metrics(classifier: nn.Module | None, samples: Tensor, labels: Tensor, held_out: ImageData,
+                   seconds: float, nfe: int, *, generator: torch.Generator | None = None) -> dict:
+    """NFE, samples per second and (with the evaluation classifier) class accuracy, MNIST-FD beside
+    its floor and diversity of class-conditional ``samples``: what every generator recipe reports."""
+    from .image_metrics import evaluate_class_conditional
+
+    out = {"nfe": nfe, "samples_per_second": len(labels) / seconds}
+    if classifier is not None:
+        per_class = int((labels == 0).sum())
+        out.update(evaluate_class_conditional(classifier, samples, labels, held_out, per_class_fd=min(per_class, 50),
+                                              generator=generator).as_dict())
+    return out
+
+
+# ---- the image track's own kinds --------------------------------------------------------------------
+def _build_classifier(recipe: Recipe) -> nn.Module:
+    return ConvClassifier(1, 10, width=recipe.width, time_conditional=recipe.kind == "noisy_classifier")
+
+
+def _build_cfm_unet(recipe: Recipe) -> nn.Module:
+    return UNet(1, channels=recipe.channels, num_classes=10, patch=recipe.patch)
+
+
+def _classifier_loss(recipe, model, context):
+    def loss(model, batch, g):
+        x, y = batch
+        return F.cross_entropy(model(random_shift(x, recipe.max_shift, g)), y)
+    return loss
+
+
+def _noisy_classifier_loss(recipe, model, context):
+    def loss(model, batch, g):
+        x, y = batch
+        x = random_shift(x, recipe.max_shift, g)
+        t = torch.rand(x.shape[0], generator=g)
+        x_t = PATH.sample(x, t, eps=torch.randn(x.shape, generator=g)).x_t
+        return F.cross_entropy(model(x_t, t), y)
+    return loss
+
+
+def _cfm_unet_loss(recipe, model, context, num_classes: int = 10):
+    def loss(model, batch, g):
+        x, y = batch
+        drop = torch.rand(y.shape[0], generator=g) < recipe.label_dropout
+        return cfm_loss(model, x, PATH, generator=g, y=torch.where(drop, num_classes, y))
+    return loss
+
+
+def _classifier_metrics(recipe, model, held_out, fast, classifier, context) -> dict:
+    from .image_metrics import class_accuracy
+
+    return {"held_out_accuracy": class_accuracy(model, held_out.images, held_out.labels)}
+
+
+def _noisy_classifier_metrics(recipe, model, held_out, fast, classifier, context) -> dict:
     gen = torch.Generator().manual_seed(1)
-    if recipe.kind == "classifier":
-        return {"held_out_accuracy": class_accuracy(model, held_out.images, held_out.labels)}
-    if recipe.kind == "noisy_classifier":
-        model.eval()
-        out = {}
-        with torch.no_grad():
-            for t in (0.0, 0.25, 0.5, 0.75, 0.9):
-                tt = torch.full((len(held_out),), t)
-                x_t = PATH.sample(held_out.images, tt, eps=torch.randn(held_out.images.shape, generator=gen)).x_t
-                pred = torch.cat([model(a, b).argmax(1) for a, b in zip(x_t.split(500), tt.split(500), strict=True)])
-                out[f"held_out_accuracy_t{t:g}"] = float((pred == held_out.labels).double().mean())
-        return out
-    per_class = 5 if fast else 100
-    labels = torch.arange(10).repeat_interleave(per_class)
+    model.eval()
+    out = {}
+    with torch.no_grad():
+        for t in (0.0, 0.25, 0.5, 0.75, 0.9):
+            tt = torch.full((len(held_out),), t)
+            x_t = PATH.sample(held_out.images, tt, eps=torch.randn(held_out.images.shape, generator=gen)).x_t
+            pred = torch.cat([model(a, b).argmax(1) for a, b in zip(x_t.split(500), tt.split(500), strict=True)])
+            out[f"held_out_accuracy_t{t:g}"] = float((pred == held_out.labels).double().mean())
+    return out
+
+
+def _cfm_unet_metrics(recipe, model, held_out, fast, classifier, context) -> dict:
+    gen = torch.Generator().manual_seed(1)
+    labels = eval_labels(fast)
     start = time.perf_counter()
     samples = sample_classes(model, labels, w=recipe.eval_w, nfe=recipe.eval_nfe, generator=gen)
     seconds = time.perf_counter() - start
     # with w > 0 each Euler step evaluates the conditional and the unconditional half: 2 NFE
-    out = {"w": recipe.eval_w, "euler_steps": recipe.eval_nfe, "nfe": recipe.eval_nfe * (2 if recipe.eval_w else 1),
-           "samples_per_second": len(labels) / seconds}
-    if classifier is not None:
-        q = evaluate_class_conditional(classifier, samples, labels, held_out, per_class_fd=min(per_class, 50),
-                                       generator=gen)
-        out.update(q.as_dict())
+    out = {"w": recipe.eval_w, "euler_steps": recipe.eval_nfe}
+    out.update(sample_metrics(classifier, samples, labels, held_out, seconds,
+                              recipe.eval_nfe * (2 if recipe.eval_w else 1), generator=gen))
     return out
+
+
+register_kind("classifier", RecipeKind(_build_classifier, _classifier_loss, _classifier_metrics))
+register_kind("noisy_classifier", RecipeKind(_build_classifier, _noisy_classifier_loss, _noisy_classifier_metrics))
+register_kind("cfm_unet", RecipeKind(_build_cfm_unet, _cfm_unet_loss, _cfm_unet_metrics, needs_classifier=True))
+for _recipe in (
+    Recipe("mnist_classifier", "classifier", steps=1500, batch_size=128, lr=2e-3, width=16,
+           description="evaluation classifier for MNIST (class accuracy, MNIST-FD features)"),
+    Recipe("mnist_noisy_classifier", "noisy_classifier", steps=2000, batch_size=128, lr=2e-3,
+           description="time-conditioned classifier of x_t on the linear path, for classifier guidance"),
+    Recipe("mnist_cfm_unet", "cfm_unet", steps=3000, batch_size=128, lr=2e-3, ema_decay=0.999,
+           description="class-conditional U-Net, rectified-flow loss, 10% label dropout (CFG)"),
+):
+    register_recipe(_recipe)
 
 
 def checkpoint_dir() -> Path:
@@ -231,21 +311,22 @@ def run_recipe(name: str, *, folder: str | Path | None = None, fast: bool | None
     torch.manual_seed(recipe.seed)
     gen = torch.Generator().manual_seed(recipe.seed)
     train_data, held_out = load_mnist("train"), load_mnist("test", verbose=False)
-    model = build_model(recipe)
+    kind, model = KINDS[recipe.kind], build_model(recipe)
+    context = kind.prepare(recipe, model, folder, fast) if kind.prepare is not None else {}
     steps = recipe.fast_steps if fast else recipe.steps
     config = TrainConfig(steps=steps, batch_size=recipe.batch_size, lr=recipe.lr, ema_decay=recipe.ema_decay)
-    res = train(model, recipe_loss(recipe), (train_data.images, train_data.labels), config, generator=gen,
-                progress=progress)
+    res = train(model, kind.loss(recipe, model, context), (train_data.images, train_data.labels), config,
+                generator=gen, progress=progress)
     trained = res.ema_model
     classifier = None
-    if recipe.kind == "cfm_unet":
+    if kind.needs_classifier:
         from .pretrained import load
 
         try:
             classifier = load("mnist_classifier", folder=folder, allow_fast=fast)
         except Exception as exc:  # noqa: BLE001 - metrics are then reported without the classifier
             print(f"note: sample metrics without the evaluation classifier ({exc})")
-    metrics = _metrics(recipe, trained, held_out, fast, classifier)
+    metrics = kind.metrics(recipe, trained, held_out, fast, classifier, {**context, "train_seconds": res.seconds})
     result = RecipeResult(trained, res.seconds, metrics)
     if save:
         folder = Path(folder) if folder is not None else checkpoint_dir()
@@ -257,3 +338,6 @@ def run_recipe(name: str, *, folder: str | Path | None = None, fast: bool | None
         })
         result.path = path
     return result
+
+
+from . import distillation_recipes  # noqa: E402, F401  (registers chapter 07's kinds and recipes)
