@@ -47,11 +47,11 @@ def density_grid(log_prob: Callable[[Tensor], Tensor], lim: float, n_grid: int =
 
 
 def plot_samples(ax, x: Tensor, *, lim: float | None = 3.5, title: str | None = None,
-                 s: float = 1.0, alpha: float = 0.4, color: str = "C0") -> None:
-    """Scatter 2-D samples ``x`` of shape ``(n, 2)``."""
+                 s: float = 1.0, alpha: float = 0.4, color: str = "C0", ticks: bool = False) -> None:
+    """Scatter 2-D samples ``x`` of shape ``(n, 2)``; ``ticks=True`` keeps the axes' scale."""
     x = x.detach().cpu().numpy()
     ax.scatter(x[:, 0], x[:, 1], s=s, alpha=alpha, color=color, linewidths=0)
-    _square(ax, lim, title)
+    _square(ax, lim, title, ticks=ticks)
 
 
 def plot_density(ax, log_prob: Callable[[Tensor], Tensor], *, lim: float = 3.5,
@@ -177,12 +177,13 @@ def plot_images(ax, images: Tensor, *, nrow: int, title: str | None = None) -> N
         ax.set_title(title, fontsize=9)
 
 
-def _square(ax, lim: float | None, title: str | None) -> None:
+def _square(ax, lim: float | None, title: str | None, *, ticks: bool = False) -> None:
     if lim is not None:
         ax.set_xlim(-lim, lim)
         ax.set_ylim(-lim, lim)
     ax.set_aspect("equal")
-    ax.set_xticks([])
-    ax.set_yticks([])
+    if not ticks:
+        ax.set_xticks([])
+        ax.set_yticks([])
     if title:
         ax.set_title(title, fontsize=9)

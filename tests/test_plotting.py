@@ -71,3 +71,17 @@ def test_score_grid_and_field():
     plot_score_field(ax, oracle_score(data, sde), 0.3, n=11)
     assert len(ax.collections) == 1
     plt.close(fig)
+
+
+def test_plot_samples_keeps_its_scale_when_asked():
+    from course.plotting import plot_samples
+
+    x = torch.randn(50, 2, generator=torch.Generator().manual_seed(0))
+    fig, (bare, scaled) = plt.subplots(1, 2)
+    plot_samples(bare, x, lim=2.0)
+    plot_samples(scaled, x, lim=2.0, ticks=True)
+    assert len(bare.get_xticks()) == 0
+    ticks = scaled.get_xticks()
+    assert len(ticks) >= 3 and ticks.min() >= -2.0 and ticks.max() <= 2.0
+    assert scaled.get_xlim() == (-2.0, 2.0)
+    plt.close(fig)

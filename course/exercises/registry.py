@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from . import ch01, ch02, ch03, ch04, ch05, ch06
+from . import ch01, ch02, ch03, ch04, ch05, ch06, ch07
 from .verdict import CheckResult
 
 __all__ = ["Exercise", "CHAPTERS", "get_exercise", "check", "run_checks"]
@@ -64,6 +64,15 @@ CHAPTERS: dict[str, tuple[Exercise, ...]] = {
         Exercise("6.1", "the classifier-free guidance combination", ("cfg_combine",), ch06.check_cfg_combine),
         Exercise("6.2", "one classifier-guided DDIM step", ("guided_ddim_step",), ch06.check_guided_ddim_step),
         Exercise("6.3", "SDEdit: perturb, then denoise", ("sdedit",), ch06.check_sdedit),
+    ),
+    "07_distillation_consistency": (
+        Exercise("7.1", "the progressive-distillation target", ("two_step_target",), ch07.check_two_step_target),
+        Exercise("7.2", "the skip parameterisation and its boundary condition", ("skip_coefficients",),
+                 ch07.check_skip_coefficients),
+        Exercise("7.3", "the consistency-distillation loss with a stop-gradient target", ("cd_loss",),
+                 ch07.check_cd_loss),
+        Exercise("7.4", "multistep consistency sampling", ("multistep_consistency",),
+                 ch07.check_multistep_consistency),
     ),
 }
 
