@@ -20,6 +20,9 @@ Everything uses the linear (rectified-flow) path and the exact marginal velocity
    16 -> 8 -> 4 -> 2 -> 1 steps (TimeMLP 256x4 velocity models, each initialised from the last;
    the first round takes 2x the steps of the others).
 5. MeanFlow from scratch: TimeMLP 256x4 with an interval embedding, --steps steps.
+6. Shortcut models from scratch (Frans et al. 2024): the same network and steps, flow matching on 3/4
+   of each batch and the two-half-steps target on 1/4 (step sizes 1/2 .. 1/128); sampled in 1, 2, 4
+   uniform steps like MeanFlow (the two learn the same average velocity by different identities).
 Multistep consistency sampling uses a second time on the training grid (a CD/CT model is trained
 only at grid times), chosen on a validation reference set, reported on an independent one.
 Quality: MMD (bandwidth 0.1) and sliced W2 of --n samples, each over its noise floor.
@@ -47,13 +50,14 @@ from course.consistency import (
     sample_consistency,
 )
 from course.conversions import as_prediction_fn
-from course.distillation import ddim_x0_step, progressive_distillation_loss, student_grid
+from course.distillation import progressive_distillation_loss, sample_ddim_x0, student_grid
 from course.fast_samplers import sample_dpm_solver_pp_2m, sampling_grid
 from course.flow_matching import oracle_velocity
 from course.meanflow import meanflow_loss, sample_meanflow
 from course.metrics import make_reference, sample_quality
 from course.nets import TimeMLP
 from course.paths import LinearPath
+from course.shortcut import shortcut_loss
 from course.toy_data import eight_gaussians, oracle_score
 from course.training import TrainConfig, train
 
@@ -70,13 +74,6 @@ def fit(model, loss_fn, steps: int, seed: int):
     res = train(model, loss_fn, lambda n, generator: DATA.sample(n, generator=generator),
                 TrainConfig(steps=steps, batch_size=BATCH, lr=LR), generator=gen)
     return res.ema_model, res.seconds
-
-
-def ddim_x0_sampler(x0_fn, x1, grid):
-    x = x1
-    for t, s in zip(grid[:-1].tolist(), grid[1:].tolist(), strict=True):
-        x = ddim_x0_step(x, t, s, x0_fn(x, torch.full((x.shape[0],), t)), PATH)
-    return x
 
 
 def main() -> None:
@@ -103,7 +100,7 @@ def main() -> None:
     score = oracle_score(DATA, PATH)
     for nfe in (1, 2, 4, 8, 20):
         row("teacher Euler (exact field)", nfe,
-            ddim_x0_sampler(oracle_x0, x1, sampling_grid(nfe, kind="quadratic", t_min=0.0)))
+            sample_ddim_x0(oracle_x0, x1, sampling_grid(nfe, kind="quadratic", t_min=0.0), path=PATH))
         grid = sampling_grid(nfe, kind="power", power=2.5, t_max=0.999)
         row("teacher DPM-Solver++(2M) (exact)", nfe, sample_dpm_solver_pp_2m(score, x1, grid, path=PATH))
 
@@ -167,15 +164,21 @@ def main() -> None:
         total += seconds
         teacher_x0 = as_prediction_fn(student, PATH, "velocity", "x0")  # the next round's teacher
         with torch.no_grad():
-            row("progressive distillation", n, ddim_x0_sampler(teacher_x0, x1, student_grid(grid)), total,
+            row("progressive distillation", n, sample_ddim_x0(teacher_x0, x1, student_grid(grid), path=PATH), total,
                 f"round {k + 1}")
         student = copy.deepcopy(student)  # the next student starts from its teacher
 
     # 5. MeanFlow from scratch
     mf, seconds = fit(mlp(interval=True), lambda m, b, g: meanflow_loss(m, b, PATH, generator=g), args.steps,
                       args.seed)
-    for nfe in (1, 2):
+    for nfe in (1, 2, 4):
         row("MeanFlow", nfe, sample_meanflow(mf, x1, torch.linspace(1, 0, nfe + 1)), seconds)
+
+    # 6. shortcut models from scratch: the same network and budget, the self-consistency target
+    sc, seconds = fit(mlp(interval=True), lambda m, b, g: shortcut_loss(m, b, PATH, generator=g), args.steps,
+                      args.seed)
+    for nfe in (1, 2, 4):
+        row("shortcut model", nfe, sample_meanflow(sc, x1, torch.linspace(1, 0, nfe + 1)), seconds)
 
     print("\nmethod                             NFE  MMD/floor  SW2/floor  train s")
     for method, nfe, mmd, sw, seconds, note in rows:

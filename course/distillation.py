@@ -28,8 +28,8 @@ from torch import Tensor
 from .paths import GaussianPath
 from .utils import as_time, check_batch
 
-__all__ = ["ddim_x0_step", "progressive_distillation_target", "student_grid", "truncated_snr_weight",
-           "progressive_distillation_loss"]
+__all__ = ["ddim_x0_step", "sample_ddim_x0", "progressive_distillation_target", "student_grid",
+           "truncated_snr_weight", "progressive_distillation_loss"]
 
 
 def ddim_x0_step(z: Tensor, t, s, x0_hat: Tensor, path: GaussianPath) -> Tensor:
@@ -40,6 +40,19 @@ def ddim_x0_step(z: Tensor, t, s, x0_hat: Tensor, path: GaussianPath) -> Tensor:
     a_t, s_t = path.coefficients(t, z)
     a_s, s_s = path.coefficients(s, z)
     return a_s * x0_hat + (s_s / s_t) * (z - a_t * x0_hat)
+
+
+def sample_ddim_x0(x0_fn: Callable, x_init: Tensor, grid: Tensor, *, path: GaussianPath, **cond) -> Tensor:
+    """Deterministic DDIM sampling with a data prediction ``x0_fn(x, t, **cond)`` over the decreasing
+    ``grid`` (one NFE per step; a PD student with N steps is sampled on its ``student_grid``)."""
+    check_batch(x_init, name="x_init")
+    g = torch.as_tensor(grid, dtype=torch.float64)
+    if g.ndim != 1 or len(g) < 2 or not (g[1:] < g[:-1]).all() or g.min() < 0 or g.max() > 1:
+        raise ValueError(f"expected a strictly decreasing grid of at least 2 times in [0, 1] (NFE >= 1); got {g.tolist()}")
+    x = x_init
+    for t, s in zip(g[:-1].tolist(), g[1:].tolist(), strict=True):
+        x = ddim_x0_step(x, t, s, x0_fn(x, torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device), **cond), path)
+    return x
 
 
 @torch.no_grad()

@@ -19,6 +19,8 @@ Metrics are those of every generator recipe (``recipes.sample_metrics``) at the 
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import nn
 
@@ -47,9 +49,10 @@ from .recipes import (
 )
 from .unet import UNet
 
-__all__ = ["T_MIN", "CD_GRID_SIZE", "teacher_velocity"]
+__all__ = ["T_MIN", "CD_GRID_SIZE", "CD_SECOND_INDEX", "teacher_velocity"]
 
 T_MIN, CD_GRID_SIZE = 1e-3, 18
+CD_SECOND_INDEX = 15  # the two-step consistency sampler's second time: grid[15] = 0.585 of the 18-time grid
 
 
 def _unet(recipe: Recipe) -> nn.Module:
@@ -97,20 +100,29 @@ def _cd_loss(recipe, model, context):
 
 
 @torch.no_grad()
-def _cd_metrics(recipe, model, held_out, fast, classifier, context) -> dict:
-    import time
-
+def _few_step_metrics(model, held_out, fast, classifier, schedules, sample) -> dict:
+    """Metrics of a few-step sampler ``sample(model, x1, ts, generator, y)`` at each named schedule."""
     model.eval()
     labels, out = eval_labels(fast), {}
-    second = float(context["grid"][15])
-    for name, ts in (("1_step", [1.0]), ("2_steps", [1.0, second])):
+    for name, ts, nfe in schedules:
         gen = torch.Generator().manual_seed(1)
         x1 = torch.randn((len(labels), 1, 28, 28), generator=gen)
         start = time.perf_counter()
-        x = torch.cat([sample_consistency(model, a, torch.tensor(ts), path=PATH, t_min=T_MIN, generator=gen, y=b)
+        x = torch.cat([sample(model, a, torch.tensor(ts), gen, b)
                        for a, b in zip(x1.split(500), labels.split(500), strict=True)])
-        out[name] = sample_metrics(classifier, x, labels, held_out, time.perf_counter() - start, len(ts),
+        out[name] = sample_metrics(classifier, x, labels, held_out, time.perf_counter() - start, nfe,
                                    generator=torch.Generator().manual_seed(1))
+    return out
+
+
+def _cd_metrics(recipe, model, held_out, fast, classifier, context) -> dict:
+    second = float(context["grid"][CD_SECOND_INDEX])
+
+    def sample(model, x1, ts, gen, y):
+        return sample_consistency(model, x1, ts, path=PATH, t_min=T_MIN, generator=gen, y=y)
+
+    out = _few_step_metrics(model, held_out, fast, classifier, (("1_step", [1.0], 1), ("2_steps", [1.0, second], 2)),
+                            sample)
     out["2_steps"]["second_time"] = second
     return out
 
@@ -135,8 +147,6 @@ def _pd_loss(recipe, model, context):
 
 
 def _pd_metrics(recipe, model, held_out, fast, classifier, context) -> dict:
-    import time
-
     labels, gen = eval_labels(fast), torch.Generator().manual_seed(1)
     start = time.perf_counter()
     samples = sample_classes(model, labels, w=0.0, nfe=recipe.student_steps, generator=gen)
@@ -168,21 +178,12 @@ def _mf_loss(recipe, model, context):
     return loss
 
 
-@torch.no_grad()
 def _mf_metrics(recipe, model, held_out, fast, classifier, context) -> dict:
-    import time
+    def sample(model, x1, ts, gen, y):
+        return sample_meanflow(model, x1, ts, y=y)
 
-    model.eval()
-    labels, out = eval_labels(fast), {}
-    for name, ts in (("1_step", [1.0, 0.0]), ("2_steps", [1.0, 0.5, 0.0])):
-        gen = torch.Generator().manual_seed(1)
-        x1 = torch.randn((len(labels), 1, 28, 28), generator=gen)
-        start = time.perf_counter()
-        x = torch.cat([sample_meanflow(model, a, torch.tensor(ts), y=b)
-                       for a, b in zip(x1.split(500), labels.split(500), strict=True)])
-        out[name] = sample_metrics(classifier, x, labels, held_out, time.perf_counter() - start, len(ts) - 1,
-                                   generator=torch.Generator().manual_seed(1))
-    return out
+    return _few_step_metrics(model, held_out, fast, classifier,
+                             (("1_step", [1.0, 0.0], 1), ("2_steps", [1.0, 0.5, 0.0], 2)), sample)
 
 
 register_kind("consistency_student", RecipeKind(_build_cd, _cd_loss, _cd_metrics, _prepare_cd, needs_classifier=True))
@@ -193,13 +194,13 @@ register_recipe(Recipe(
     "mnist_cd_student", "consistency_student", steps=800, batch_size=128, lr=1e-4, fast_steps=3,
     teacher="mnist_cfm_unet", eval_w=1.0,
     description="consistency tuning of mnist_cfm_unet (CFG w = 1 baked in): 1- and 2-step generator"))
-# steps per rung: the whole ladder fits 10 CPU-minutes on 2 cores (round 1 has the guided, 2-NFE teacher:
-# 0.76 s a step against 0.54 s for the later rounds)
 register_recipe(Recipe(
     "mnist_meanflow_student", "meanflow_student", steps=550, batch_size=128, lr=1e-4, fast_steps=3,
     teacher="mnist_cfm_unet", eval_w=1.0,
     description="MeanFlow from mnist_cfm_unet's weights, v = its guided velocity (w = 1): 1- and 2-step generator"))
-_PD_STEPS = {16: 100, 8: 240, 4: 240, 2: 240, 1: 240}
+# steps per rung: the whole ladder fits 10 CPU-minutes on 2 cores (round 1 has the guided, 2-NFE teacher:
+# about 0.95 s a step against 0.65 s for the later rounds)
+_PD_STEPS = {16: 100, 8: 180, 4: 180, 2: 180, 1: 180}
 _teacher = "mnist_cfm_unet"
 for _n, _steps in _PD_STEPS.items():
     register_recipe(Recipe(

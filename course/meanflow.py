@@ -19,6 +19,7 @@ convention), so the tangent is (v, 1) for (x, t) and 0 for r; r = t is ordinary 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -53,7 +54,9 @@ def meanflow_target(model: Callable, z: Tensor, t: Tensor, r: Tensor, v: Tensor,
     def u(z_, t_, r_):
         return model(z_, t_, r=r_, **cond)
 
-    pred, dudt = torch.func.jvp(u, (z, t, r), (v, torch.ones_like(t), torch.zeros_like(r)))
+    with warnings.catch_warnings():  # torch.func's first call warns about its own use of torch.jit.script
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated", category=FutureWarning)
+        pred, dudt = torch.func.jvp(u, (z, t, r), (v, torch.ones_like(t), torch.zeros_like(r)))
     target = v - expand_like(t - r, z) * dudt
     return pred, target.detach()
 

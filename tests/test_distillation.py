@@ -114,3 +114,27 @@ def test_truncated_snr_weight():
     path = LinearPath()
     t = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
     torch.testing.assert_close(truncated_snr_weight(path, t), torch.tensor([81.0, 1.0, 1.0], dtype=torch.float64))
+
+
+def test_sample_ddim_x0_takes_one_ddim_step_per_interval_and_checks_its_grid():
+    from course.distillation import sample_ddim_x0
+
+    path = LinearPath()
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(8, 2, generator=gen, dtype=torch.float64)
+    calls = []
+
+    def x0_fn(z, t):
+        calls.append(t)
+        return torch.tanh(z) * (1 - t[:, None])
+
+    grid = torch.tensor([1.0, 0.6, 0.25, 0.0], dtype=torch.float64)
+    got = sample_ddim_x0(x0_fn, x, grid, path=path)
+    expected = x
+    for a, b in zip(grid[:-1].tolist(), grid[1:].tolist(), strict=True):
+        expected = ddim_x0_step(expected, a, b, torch.tanh(expected) * (1 - a), path)
+    torch.testing.assert_close(got, expected)
+    assert len(calls) == 3 and all(c.shape == (8,) and c.dtype == torch.float64 for c in calls)
+    for bad in ([1.0], [0.5, 0.7], [1.2, 0.0]):
+        with pytest.raises(ValueError, match="strictly decreasing grid"):
+            sample_ddim_x0(x0_fn, x, torch.tensor(bad), path=path)
