@@ -47,9 +47,10 @@ from .recipes import (
     sample_classes,
     sample_metrics,
 )
+from .shortcut import shortcut_loss
 from .unet import UNet
 
-__all__ = ["T_MIN", "CD_GRID_SIZE", "CD_SECOND_INDEX", "teacher_velocity"]
+__all__ = ["T_MIN", "CD_GRID_SIZE", "CD_SECOND_INDEX", "SHORTCUT_MAX_STEPS", "teacher_velocity"]
 
 T_MIN, CD_GRID_SIZE = 1e-3, 18
 CD_SECOND_INDEX = 15  # the two-step consistency sampler's second time: grid[15] = 0.585 of the 18-time grid
@@ -186,9 +187,23 @@ def _mf_metrics(recipe, model, held_out, fast, classifier, context) -> dict:
                              (("1_step", [1.0, 0.0], 1), ("2_steps", [1.0, 0.5, 0.0], 2)), sample)
 
 
+# ---- shortcut model from the teacher ------------------------------------------------------------------------
+SHORTCUT_MAX_STEPS = 8  # step sizes 1/8 .. 1 (the sampler uses 1 and 1/2); the finest starts as the teacher's
+
+
+def _sc_loss(recipe, model, context):
+    velocity = context["velocity"]
+
+    def loss(model, batch, g):
+        x, y = batch
+        return shortcut_loss(model, x, PATH, max_steps=SHORTCUT_MAX_STEPS, teacher_velocity=velocity, generator=g, y=y)
+    return loss
+
+
 register_kind("consistency_student", RecipeKind(_build_cd, _cd_loss, _cd_metrics, _prepare_cd, needs_classifier=True))
 register_kind("meanflow_student", RecipeKind(_build_mf, _mf_loss, _mf_metrics, _prepare_mf, needs_classifier=True))
 register_kind("pd_student", RecipeKind(_unet, _pd_loss, _pd_metrics, _prepare_pd, needs_classifier=True))
+register_kind("shortcut_student", RecipeKind(_build_mf, _sc_loss, _mf_metrics, _prepare_mf, needs_classifier=True))
 
 register_recipe(Recipe(
     "mnist_cd_student", "consistency_student", steps=800, batch_size=128, lr=1e-4, fast_steps=3,
@@ -200,6 +215,11 @@ register_recipe(Recipe(
     description="MeanFlow from mnist_cfm_unet's weights, v = its guided velocity (w = 1): 1- and 2-step generator"))
 # steps per rung: the whole ladder fits 10 CPU-minutes on 2 cores (round 1 has the guided, 2-NFE teacher:
 # about 0.95 s a step against 0.65 s for the later rounds)
+register_recipe(Recipe(
+    "mnist_shortcut_student", "shortcut_student", steps=850, batch_size=128, lr=1e-4, fast_steps=3,
+    teacher="mnist_cfm_unet", eval_w=1.0,
+    description="shortcut model from mnist_cfm_unet's weights, flow-matching rows on its guided velocity (w = 1): "
+                "1- and 2-step generator"))
 _PD_STEPS = {16: 100, 8: 180, 4: 180, 2: 180, 1: 180}
 _teacher = "mnist_cfm_unet"
 for _n, _steps in _PD_STEPS.items():

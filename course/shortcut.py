@@ -74,10 +74,13 @@ def _rows(cond: dict, rows: slice, batch: int) -> dict:
 
 
 def shortcut_loss(model: Callable, x0: Tensor, path: GaussianPath, *, bootstrap_share: float = 0.25,
-                  max_steps: int = 128, generator: torch.Generator | None = None, **cond) -> Tensor:
+                  max_steps: int = 128, teacher_velocity: Callable | None = None,
+                  generator: torch.Generator | None = None, **cond) -> Tensor:
     """The shortcut-model loss on a batch ``x0``: squared error of u(z_t, t, r) against the
     conditional velocity (r = t) on a share 1 - ``bootstrap_share`` of the batch and against
-    ``shortcut_target`` (r = t - 2d) on the rest; squares averaged over data dimensions and batch."""
+    ``shortcut_target`` (r = t - 2d) on the rest; squares averaged over data dimensions and batch.
+    With ``teacher_velocity`` the flow-matching rows regress onto a trained model's (marginal, e.g.
+    guided) velocity at (z_t, t) instead: a shortcut model distilled from a teacher."""
     check_batch(x0, name="x0")
     if not 0.0 <= bootstrap_share <= 1.0:
         raise ValueError(f"expected 0 <= bootstrap_share <= 1; got {bootstrap_share}")
@@ -92,7 +95,13 @@ def shortcut_loss(model: Callable, x0: Tensor, path: GaussianPath, *, bootstrap_
         t = torch.cat([t_b, t[n_boot:]])
         r = torch.cat([(t_b - 2 * d).clamp_min(0.0), t[n_boot:]])
     z = path.sample(x0, t, eps=eps).x_t
-    target = conditional_velocity(path, x0, eps, t)
+    if teacher_velocity is None:
+        target = conditional_velocity(path, x0, eps, t)
+    else:
+        target = torch.zeros_like(z)
+        if n_boot < b:
+            with torch.no_grad():
+                target[n_boot:] = teacher_velocity(z[n_boot:], t[n_boot:], **_rows(cond, slice(n_boot, b), b))
     if n_boot:
         boot = shortcut_target(model, z[:n_boot], t[:n_boot], d, **_rows(cond, slice(0, n_boot), b))
         target = torch.cat([boot, target[n_boot:]])

@@ -107,3 +107,23 @@ def test_meanflow_student_starts_as_its_teacher_and_distils_the_guided_velocity(
     torch.testing.assert_close(loss, expected)
     metrics = run_recipe("mnist_meanflow_student", folder=folder, fast=True, progress=False).metrics
     assert metrics["1_step"]["nfe"] == 1 and metrics["2_steps"]["nfe"] == 2
+
+
+def test_shortcut_student_starts_as_its_teacher_and_distils_the_guided_velocity(folder):
+    from course.distillation_recipes import SHORTCUT_MAX_STEPS, _prepare_mf, _sc_loss
+
+    recipe = get_recipe("mnist_shortcut_student")
+    assert recipe.kind == "shortcut_student" and recipe.teacher == "mnist_cfm_unet"
+    model = build_model(recipe)
+    context = _prepare_mf(recipe, model, folder, True)
+    teacher = load("mnist_cfm_unet", folder=folder, allow_fast=True)
+    x, y, t = torch.randn(4, 1, 28, 28), torch.tensor([1, 2, 3, 4]), torch.full((4,), 0.6)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t, y=y, r=t - 0.5), teacher(x, t, y=y), rtol=0, atol=0)
+    # the recipe's loss: flow-matching rows on the guided velocity, step sizes down to 1 / SHORTCUT_MAX_STEPS
+    assert SHORTCUT_MAX_STEPS == 8
+    loss = _sc_loss(recipe, model, context)(model, (x, y), torch.Generator().manual_seed(0))
+    assert loss.ndim == 0 and loss.requires_grad and torch.isfinite(loss)
+    metrics = run_recipe("mnist_shortcut_student", folder=folder, fast=True, progress=False).metrics
+    assert metrics["1_step"]["nfe"] == 1 and metrics["2_steps"]["nfe"] == 2
+    assert 0 <= metrics["1_step"]["class_accuracy"] <= 1

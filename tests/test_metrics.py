@@ -110,3 +110,20 @@ def test_sample_quality_of_true_samples_is_at_the_floor():
     assert blurred.mmd_ratio - 1 > 4 * blurred.mmd_ratio_se
     with pytest.raises(ValueError, match="expected 1000 samples, or 8 sets"):
         sample_quality(data.sample(1500, generator=gen), ref)
+
+
+def test_sample_quality_reuses_kernels_without_changing_the_mmd():
+    """The cached self-kernels give exactly the MMD of mmd_rbf against each reference set, for one set
+    compared with all references and for stacked sets, in float32 and float64."""
+    from course.metrics import make_reference, mmd_rbf, sample_quality
+
+    data = eight_gaussians()
+    ref = make_reference(data, 300, generator=torch.Generator().manual_seed(1))
+    assert ref.self_kernels is not None and len(ref.self_kernels) == len(ref.samples)
+    for dtype in (torch.float32, torch.float64):
+        x = data.sample(300, generator=torch.Generator().manual_seed(2)).to(dtype) * 1.1
+        expected = sum(mmd_rbf(x, r) for r in ref.samples) / len(ref.samples)
+        assert sample_quality(x, ref).mmd == pytest.approx(expected, rel=1e-12, abs=1e-15)
+        stacked = data.sample(300 * len(ref.samples), generator=torch.Generator().manual_seed(3)).to(dtype)
+        expected = sum(mmd_rbf(a, r) for a, r in zip(stacked.split(300), ref.samples, strict=True)) / len(ref.samples)
+        assert sample_quality(stacked, ref).mmd == pytest.approx(expected, rel=1e-12, abs=1e-15)

@@ -133,3 +133,30 @@ def test_bad_input(kwargs, words):
 def test_target_rejects_steps_past_the_data():
     with pytest.raises(ValueError, match="t - 2d >= 0"):
         shortcut_target(lambda x, t, r=None: x, torch.zeros(3, 2), torch.full((3,), 0.3), torch.full((3,), 0.2))
+
+
+def test_with_a_teacher_the_flow_matching_rows_regress_onto_its_velocity():
+    path = LinearPath()
+    net = TimeMLP(2, hidden=16, depth=1, interval=True).double()
+    calls = []
+
+    def teacher(z, t, y=None):
+        calls.append((z.shape[0], y.shape[0], torch.is_grad_enabled()))
+        return torch.sin(z) * (1 + t[:, None]) + y[:, None].double()
+
+    x0 = torch.randn(32, 2, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
+    y = torch.arange(32) % 4
+    net_y = lambda z, t, r=None, y=None: net(z, t, r=r)  # noqa: E731 - the net ignores the label
+    loss = shortcut_loss(net_y, x0, path, bootstrap_share=0.0, teacher_velocity=teacher,
+                         generator=torch.Generator().manual_seed(13), y=y)
+    gen = torch.Generator().manual_seed(13)
+    eps = torch.randn(x0.shape, generator=gen, dtype=torch.float64)
+    t = torch.rand(32, generator=gen, dtype=torch.float64)
+    z = path.sample(x0, t, eps=eps).x_t
+    expected = (net(z, t, r=t) - teacher(z, t, y=y)).pow(2).mean()
+    torch.testing.assert_close(loss, expected)
+    assert calls[0] == (32, 32, False)  # the teacher ran on every flow-matching row, without a graph
+    calls.clear()
+    shortcut_loss(net_y, x0, path, bootstrap_share=0.25, teacher_velocity=teacher,
+                  generator=torch.Generator().manual_seed(14), y=y)
+    assert calls == [(24, 24, False)]  # only the flow-matching rows ask the teacher
