@@ -66,7 +66,7 @@ def main() -> None:
     report("teacher Euler, 1 step, no guidance", 1,
            lambda: sample_classes(teacher, labels, w=0.0, nfe=1, generator=torch.Generator().manual_seed(2)))
     for steps in (1, 2, 4, 8, 20):
-        report(f"teacher Euler, {steps} steps, w = 1", 2 * steps,
+        report(f"teacher Euler, {steps} step{'s' if steps > 1 else ''}, w = 1", 2 * steps,
                lambda steps=steps: sample_classes(teacher, labels, w=1.0, nfe=steps,
                                                   generator=torch.Generator().manual_seed(2)))
     for steps in (2, 4, 8, 20):
