@@ -56,6 +56,7 @@ def load(name: str, *, folder: str | Path | None = None, allow_fast: bool = Fals
                               f"rebuild it with `{rebuild}` without COURSE_FAST")
     fields = dict(entry["recipe"])
     fields["channels"] = tuple(fields.get("channels", RECIPES[name].channels))
+    fields["options"] = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in fields.get("options", ()))
     model = build_model(Recipe(**fields))
     load_checkpoint(path, model, rebuild=rebuild)
     return model.eval()

@@ -48,6 +48,9 @@ __all__ = ["Recipe", "RecipeKind", "RECIPES", "KINDS", "register_kind", "registe
            "checkpoint_dir", "sha256_of"]
 
 
+_MISSING = object()
+
+
 @dataclass(frozen=True)
 class Recipe:
     """Everything that determines a checkpoint (stored in the manifest)."""
@@ -69,6 +72,7 @@ class Recipe:
     eval_nfe: int = 20  # U-Net: Euler steps of the reported metrics (2 NFE each when eval_w > 0)
     teacher: str = ""  # distillation: the recipe whose checkpoint is the teacher
     student_steps: int = 1  # distillation: sampling steps of the student
+    options: tuple[tuple[str, object], ...] = ()  # settings of one kind (name, value), read by option()
     description: str = ""
 
     def __post_init__(self):
@@ -79,6 +83,19 @@ class Recipe:
         check_positive_int(self.fast_steps, "fast_steps")
         if not 0 <= self.label_dropout < 1:
             raise ValueError(f"expected 0 <= label_dropout < 1; got {self.label_dropout}")
+        if not isinstance(self.options, tuple) or not all(
+                isinstance(o, tuple) and len(o) == 2 and isinstance(o[0], str) for o in self.options):
+            raise ValueError(f"expected options as a tuple of (name, value) pairs; got {self.options!r}")
+
+    def option(self, name: str, default=_MISSING):
+        """The value of option ``name`` (a setting only one recipe kind reads), else ``default``."""
+        for key, value in self.options:
+            if key == name:
+                return value
+        if default is _MISSING:
+            known = ", ".join(k for k, _ in self.options) or "none"
+            raise ValueError(f"recipe {self.name!r} has no option {name!r}; its options: {known}")
+        return default
 
 
 @dataclass(frozen=True)
@@ -340,4 +357,5 @@ def run_recipe(name: str, *, folder: str | Path | None = None, fast: bool | None
     return result
 
 
-from . import distillation_recipes  # noqa: E402, F401  (registers chapter 07's kinds and recipes)
+# the modules that own the later chapters' kinds register them (and their recipes) on import
+from . import distillation_recipes, latent_recipes  # noqa: E402, F401
