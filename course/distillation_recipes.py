@@ -35,17 +35,16 @@ from .conversions import as_prediction_fn
 from .distillation import progressive_distillation_loss
 from .fast_samplers import sampling_grid
 from .guidance import classifier_free_guidance
+from .image_recipes import PATH, eval_labels, sample_classes, sample_metrics
 from .meanflow import meanflow_loss, sample_meanflow
-from .recipes import (
-    PATH,
+from .recipe_registry import (
     RECIPES,
     Recipe,
     RecipeKind,
-    eval_labels,
+    load,
+    manifest,
     register_kind,
     register_recipe,
-    sample_classes,
-    sample_metrics,
 )
 from .shortcut import shortcut_loss
 from .unet import UNet
@@ -61,8 +60,6 @@ def _unet(recipe: Recipe) -> nn.Module:
 
 
 def _load_teacher(recipe: Recipe, folder, fast: bool) -> tuple[nn.Module, dict]:
-    from .pretrained import load, manifest
-
     if recipe.teacher not in RECIPES:
         raise ValueError(f"recipe {recipe.name!r} names an unknown teacher {recipe.teacher!r}")
     teacher = load(recipe.teacher, folder=folder, allow_fast=fast).requires_grad_(False)

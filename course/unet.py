@@ -58,11 +58,16 @@ class UNet(nn.Module):
             network runs at half resolution (28 -> 14 -> 7 -> 4); 1 works on pixels.
         interval: also take a second time ``r`` (``model(x, t, y, r=r)``, MeanFlow's average
             velocity) through a zero-initialised :class:`~course.nets.IntervalEmbedding`.
+        cond_channels: > 0 takes a conditioning image ``low_res`` of that many channels at the
+            input's size, concatenated to the input (a super-resolution stage's upsampled low-res
+            image, chapter 08); the output keeps ``in_channels``.
+        aug_level: also take the noise-augmentation level ``aug_level`` in [0, 1] of that image,
+            embedded like t (Imagen's noise-conditioning augmentation).
     """
 
     def __init__(self, in_channels: int = 1, channels: tuple[int, int, int] = (32, 64, 64), emb_dim: int = 128,
                  num_classes: int | None = None, groups: int = 8, patch: int = 1,
-                 interval: bool = False):
+                 interval: bool = False, cond_channels: int = 0, aug_level: bool = False):
         super().__init__()
         self.in_channels = check_positive_int(in_channels, "in_channels")
         if len(channels) != 3:
@@ -74,7 +79,10 @@ class UNet(nn.Module):
         self.label = LabelEmbedding(num_classes, emb_dim) if num_classes is not None else None
         self.interval = IntervalEmbedding(emb_dim) if interval else None
         self.patch = check_positive_int(patch, "patch")
-        self.stem = nn.Sequential(nn.PixelUnshuffle(patch), nn.Conv2d(in_channels * patch**2, c0, 3, padding=1))
+        self.cond_channels = check_positive_int(cond_channels, "cond_channels", allow_zero=True)
+        self.aug = nn.Sequential(SinusoidalTimeEmbedding(emb_dim), nn.Linear(emb_dim, emb_dim)) if aug_level else None
+        self.stem = nn.Sequential(nn.PixelUnshuffle(patch),
+                                  nn.Conv2d((in_channels + cond_channels) * patch**2, c0, 3, padding=1))
         self.down0 = ResBlock(c0, c0, emb_dim, groups)
         self.pool0 = nn.Conv2d(c0, c1, 3, stride=2, padding=1)
         self.down1 = ResBlock(c1, c1, emb_dim, groups)
@@ -93,7 +101,25 @@ class UNet(nn.Module):
             raise ValueError("this U-Net is unconditional (num_classes=None); got labels y")
         return emb
 
-    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None, r: Tensor | None = None) -> Tensor:
+    def _conditioning(self, x: Tensor, low_res: Tensor | None, aug_level: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        if not self.cond_channels:
+            if low_res is not None or aug_level is not None:
+                raise ValueError("this U-Net takes no conditioning image (cond_channels=0); got low_res or aug_level")
+            return x, None
+        want = (x.shape[0], self.cond_channels, *x.shape[2:])
+        if not isinstance(low_res, Tensor) or tuple(low_res.shape) != want:
+            got = tuple(low_res.shape) if isinstance(low_res, Tensor) else low_res
+            raise ValueError(f"expected low_res of shape {want} (upsampled to the input's size); got {got}")
+        if self.aug is None and aug_level is not None:
+            raise ValueError("this U-Net takes no aug_level (aug_level=False)")
+        if self.aug is not None and (not isinstance(aug_level, Tensor) or aug_level.shape != (x.shape[0],)):
+            got = tuple(aug_level.shape) if isinstance(aug_level, Tensor) else aug_level
+            raise ValueError(f"expected aug_level of shape ({x.shape[0]},); got {got}")
+        extra = None if self.aug is None else self.aug(aug_level.to(x.dtype))
+        return torch.cat([x, low_res.to(x.dtype)], 1), extra
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None, r: Tensor | None = None,
+                low_res: Tensor | None = None, aug_level: Tensor | None = None) -> Tensor:
         check_batch(x, ndim=4)
         if x.shape[1] != self.in_channels:
             raise ValueError(f"expected x with {self.in_channels} channel(s); got shape {tuple(x.shape)}")
@@ -102,7 +128,10 @@ class UNet(nn.Module):
         if t.shape != (x.shape[0],):
             raise ValueError(f"expected t of shape ({x.shape[0]},); got {tuple(t.shape)}")
         emb = self.embed(t.to(x.dtype), y, x.shape[0], None if r is None else r.to(x.dtype)).to(x.dtype)
-        h0 = self.down0(self.stem(x), emb)  # (B, c0, H, W)
+        inp, extra = self._conditioning(x, low_res, aug_level)
+        if extra is not None:
+            emb = emb + extra
+        h0 = self.down0(self.stem(inp), emb)  # (B, c0, H, W)
         h1 = self.down1(self.pool0(h0), emb)  # (B, c1, H/2, W/2)
         h = self.mid(self.pool1(h1), emb)  # (B, c2, H/4, W/4)
         h = self.up1(torch.cat([F.interpolate(h, size=h1.shape[-2:], mode="nearest"), h1], 1), emb)
