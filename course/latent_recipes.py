@@ -198,13 +198,13 @@ register_recipe(Recipe(
     options=(("latent_channels", AE_LATENT_CHANNELS), ("beta", AE_BETA), ("ae_channels", (16, 32))),
     description="KL autoencoder 28x28x1 -> 4x7x7 (1/4 of the pixels), the shared MNIST latent space"))
 register_recipe(Recipe(
-    "mnist_latent_cfm", "latent_cfm", steps=2500, batch_size=128, lr=2e-3, channels=(32, 64, 64), patch=1,
+    "mnist_latent_cfm", "latent_cfm", steps=2000, batch_size=128, lr=2e-3, channels=(32, 64, 64), patch=1,
     fast_steps=3, options=(("autoencoder", "mnist_autoencoder"),),
     description="class-conditional U-Net on the 4x7x7 latents of mnist_autoencoder, rectified flow, 10% label "
                 "dropout (CFG)"))
 register_kind("sr_cascade", RecipeKind(_build_cascade, _cascade_loss, _cascade_metrics, needs_classifier=True))
 register_recipe(Recipe(
-    "mnist_sr_cascade", "sr_cascade", steps=2500, batch_size=128, lr=2e-3, channels=(32, 64, 64), patch=2,
+    "mnist_sr_cascade", "sr_cascade", steps=1400, batch_size=128, lr=2e-3, channels=(32, 64, 64), patch=2,
     fast_steps=3, options=(("sr_channels", (16, 32, 32)), ("max_aug", 0.5), ("sr_nfe", 10), ("sample_aug", 0.2)),
     description="cascade: class-conditional 14x14 base model + 14x14 -> 28x28 super-resolution with "
                 "noise-conditioning augmentation"))

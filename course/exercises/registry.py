@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from . import ch01, ch02, ch03, ch04, ch05, ch06, ch07
+from . import ch01, ch02, ch03, ch04, ch05, ch06, ch07, ch08
 from .verdict import CheckResult
 
 __all__ = ["Exercise", "CHAPTERS", "get_exercise", "check", "run_checks"]
@@ -73,6 +73,16 @@ CHAPTERS: dict[str, tuple[Exercise, ...]] = {
                  ch07.check_cd_loss),
         Exercise("7.4", "multistep consistency sampling", ("multistep_consistency",),
                  ch07.check_multistep_consistency),
+    ),
+    "08_latent_diffusion": (
+        Exercise("8.1", "the reparameterised posterior sample and its KL", ("posterior_sample_and_kl",),
+                 ch08.check_posterior_sample_and_kl),
+        Exercise("8.2", "the latent CFM loss through a frozen encoder", ("latent_cfm_loss",),
+                 ch08.check_latent_cfm_loss),
+        Exercise("8.3", "noise-conditioning augmentation for the super-resolution stage", ("sr_condition",),
+                 ch08.check_sr_condition),
+        Exercise("8.4", "your own autoencoder, measured on held-out digits", ("encode", "decode"),
+                 ch08.check_own_autoencoder),
     ),
 }
 
