@@ -30,7 +30,7 @@ from .recipe_registry import IMAGE_SHAPES, Recipe, RecipeKind, register_kind, re
 from .unet import UNet
 from .utils import check_positive_int
 
-__all__ = ["PATH", "random_shift", "sample_classes", "eval_labels", "sample_metrics"]
+__all__ = ["PATH", "random_shift", "sample_classes", "eval_labels", "sample_metrics", "drop_labels", "cfm_unet_metrics"]
 
 
 def random_shift(x: Tensor, max_shift: int, generator: torch.Generator | None = None) -> Tensor:
@@ -119,11 +119,15 @@ def _noisy_classifier_loss(recipe, model, context):
     return loss
 
 
-def _cfm_unet_loss(recipe, model, context, num_classes: int = 10):
+def drop_labels(y: Tensor, p: float, generator: torch.Generator | None, null: int = 10) -> Tensor:
+    """Labels with a share ``p`` replaced by the null class ``null`` (label dropout, for CFG)."""
+    return torch.where(torch.rand(y.shape[0], generator=generator) < p, null, y)
+
+
+def _cfm_unet_loss(recipe, model, context):
     def loss(model, batch, g):
         x, y = batch
-        drop = torch.rand(y.shape[0], generator=g) < recipe.label_dropout
-        return cfm_loss(model, x, PATH, generator=g, y=torch.where(drop, num_classes, y))
+        return cfm_loss(model, x, PATH, generator=g, y=drop_labels(y, recipe.label_dropout, g))
     return loss
 
 
@@ -146,7 +150,8 @@ def _noisy_classifier_metrics(recipe, model, held_out, fast, classifier, context
     return out
 
 
-def _cfm_unet_metrics(recipe, model, held_out, fast, classifier, context) -> dict:
+def cfm_unet_metrics(recipe, model, held_out, fast, classifier, context) -> dict:
+    """What every class-conditional generator sampled by :func:`sample_classes` reports."""
     gen = torch.Generator().manual_seed(1)
     labels = eval_labels(fast)
     start = time.perf_counter()
@@ -155,13 +160,13 @@ def _cfm_unet_metrics(recipe, model, held_out, fast, classifier, context) -> dic
     # with w > 0 each Euler step evaluates the conditional and the unconditional half: 2 NFE
     out = {"w": recipe.eval_w, "euler_steps": recipe.eval_nfe}
     out.update(sample_metrics(classifier, samples, labels, held_out, seconds,
-                              recipe.eval_nfe * (2 if recipe.eval_w else 1), generator=gen))
+                              recipe.eval_nfe * (2 if recipe.eval_w else 1), generator=gen, data=recipe.data))
     return out
 
 
 register_kind("classifier", RecipeKind(_build_classifier, _classifier_loss, _classifier_metrics))
 register_kind("noisy_classifier", RecipeKind(_build_classifier, _noisy_classifier_loss, _noisy_classifier_metrics))
-register_kind("cfm_unet", RecipeKind(_build_cfm_unet, _cfm_unet_loss, _cfm_unet_metrics, needs_classifier=True))
+register_kind("cfm_unet", RecipeKind(_build_cfm_unet, _cfm_unet_loss, cfm_unet_metrics, needs_classifier=True))
 for _recipe in (
     Recipe("mnist_classifier", "classifier", steps=1500, batch_size=128, lr=2e-3, width=16,
            description="evaluation classifier for MNIST (class accuracy, MNIST-FD features)"),

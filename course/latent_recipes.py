@@ -33,7 +33,7 @@ from .autoencoder import KLAutoencoder, autoencoder_loss, fit_latent_scale, gaus
 from .cascade import Cascade, downsample, sample_cascade, sr_loss
 from .flow_matching import cfm_loss
 from .image_metrics import classifier_features, feature_fd
-from .image_recipes import PATH, eval_labels, sample_classes, sample_metrics
+from .image_recipes import PATH, cfm_unet_metrics, drop_labels, eval_labels, sample_metrics
 from .latent import LatentDiffusion, latent_moments, sample_latents
 from .recipe_registry import (
     IMAGE_SHAPES,
@@ -123,25 +123,18 @@ def _latent_dataset(recipe, images, labels, context) -> tuple:
     return moments, labels
 
 
-def _latent_loss(recipe, model, context, num_classes: int = 10):
+def _latent_loss(recipe, model, context):
     def loss(model, batch, g):
         moments, y = batch
-        drop = torch.rand(y.shape[0], generator=g) < recipe.label_dropout
-        z = sample_latents(moments, generator=g)
-        return cfm_loss(model, z, PATH, generator=g, y=torch.where(drop, num_classes, y))
+        y = drop_labels(y, recipe.label_dropout, g)
+        return cfm_loss(model, sample_latents(moments, generator=g), PATH, generator=g, y=y)
     return loss
 
 
 @torch.no_grad()
 def _latent_metrics(recipe, model, held_out, fast, classifier, context) -> dict:
-    gen = torch.Generator().manual_seed(1)
-    labels = eval_labels(fast)
-    start = time.perf_counter()
-    samples = sample_classes(model, labels, w=recipe.eval_w, nfe=recipe.eval_nfe, generator=gen)
-    seconds = time.perf_counter() - start
-    out = {"w": recipe.eval_w, "euler_steps": recipe.eval_nfe, "encode_seconds": round(context["encode_seconds"], 2)}
-    out.update(sample_metrics(classifier, samples, labels, held_out, seconds,
-                              recipe.eval_nfe * (2 if recipe.eval_w else 1), generator=gen, data=recipe.data))
+    out = cfm_unet_metrics(recipe, model, held_out, fast, classifier, context)
+    out["encode_seconds"] = round(context["encode_seconds"], 2)
     if classifier is not None:
         out[f"{recipe.data}_fd_of_reconstructions"] = _reconstruction_fd(model, classifier, held_out, out["fd_samples"] // 10)
     return out
@@ -164,13 +157,12 @@ def _build_cascade(recipe: Recipe) -> nn.Module:
     return Cascade(base, sr, low_shape=(1, 14, 14), image_shape=(1, 28, 28))
 
 
-def _cascade_loss(recipe, model, context, num_classes: int = 10):
+def _cascade_loss(recipe, model, context):
     max_aug = float(recipe.option("max_aug"))
 
     def loss(model, batch, g):
         x, y = batch
-        drop = torch.rand(y.shape[0], generator=g) < recipe.label_dropout
-        base = cfm_loss(model.base, downsample(x), PATH, generator=g, y=torch.where(drop, num_classes, y))
+        base = cfm_loss(model.base, downsample(x), PATH, generator=g, y=drop_labels(y, recipe.label_dropout, g))
         return base + sr_loss(model.sr, x, max_aug=max_aug, generator=g)
     return loss
 
