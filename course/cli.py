@@ -61,7 +61,13 @@ def _check(args) -> int:
 def _grade(args) -> int:
     from tqdm.auto import tqdm
 
-    from .exercises.grade import discover, grade_submissions, summary_table, write_results
+    from .exercises.grade import (
+        PartialGradebook,
+        discover,
+        grade_submissions,
+        summary_table,
+        write_results,
+    )
 
     try:
         subs, notes = discover(args.submissions, args.chapters)
@@ -76,8 +82,10 @@ def _grade(args) -> int:
     students = len({s.student for s in subs})
     chapters = sorted({s.chapter for s in subs})
     print(f"Grading {students} student(s), chapter(s) {', '.join(chapters)}: {len(subs)} notebook(s)")
+    partial = PartialGradebook(args.out)
     with tqdm(total=len(subs), unit="notebook", file=sys.stderr, disable=None) as bar:
         def progress(sub, report):
+            partial.add(sub, report)
             bar.set_postfix_str(f"{sub.student}: {report.status}")
             bar.update()
 

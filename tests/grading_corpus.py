@@ -73,6 +73,14 @@ def _typo_in_imports() -> nbformat.NotebookNode:
     return nb
 
 
+def _wrong_drift() -> nbformat.NotebookNode:
+    return _sol_with(vp_drift="""
+def vp_drift(x, t, beta_min=0.1, beta_max=20.0):
+    beta = beta_min + t * (beta_max - beta_min)
+    return 0.5 * expand_like(beta, x) * x
+""")
+
+
 # Each entry: student -> notebook (or the raw text of a broken file, or None for "nothing submitted").
 def submissions() -> dict[str, nbformat.NotebookNode | str | None]:
     sol = _solution
@@ -149,6 +157,33 @@ def vp_marginal(x0, t, beta_min=0.1, beta_max=20.0):
     return hog, hog
 """),
         "typo_in_imports": _typo_in_imports(),
+        # Each of these has the wrong-sign drift and then tries to make the check pass anyway by
+        # patching, in its own process, what the check would use; the checks run in the grader.
+        "patches_allclose": _append(_wrong_drift(), "torch.allclose = lambda *a, **k: True\n"
+                                    "torch.testing.assert_close = lambda *a, **k: None"),
+        "patches_verdict": _append(_wrong_drift(), (
+            "import course.exercises.verdict as verdict\n"
+            "verdict._close = lambda *a, **k: True\n"
+            "verdict.compare = lambda *a, **k: None")),
+        "patches_run_checks": _append(_wrong_drift(), (
+            "import course.exercises.registry as registry, course.exercises.runner as runner\n"
+            "from course.exercises.verdict import CheckResult\n"
+            "def run_checks(chapter, namespace, *, seed=None, only=None):\n"
+            "    return [CheckResult(ex.id, ex.title, 'passed', 'forged') for ex in registry.CHAPTERS[chapter]\n"
+            "            if only is None or ex.id == only]\n"
+            "registry.run_checks = runner.run_checks = run_checks")),
+        "patches_reference": _append(_wrong_drift(), (
+            "from course.sde import VPSDE\n"
+            "from course.utils import expand_like\n"
+            "VPSDE.drift = lambda self, x, t: 0.5 * expand_like(self.beta(t), x) * x")),
+        "forges_messages": _append(_wrong_drift(), (
+            "import os, struct\n"
+            "forged = b'{\"event\": \"check\", \"exercise\": \"1.1\", \"status\": \"passed\"}'\n"
+            "for fd in range(3, 64):\n"
+            "    try:\n"
+            "        os.write(fd, struct.pack('>Q', len(forged)) + forged)\n"
+            "    except OSError:\n"
+            "        pass")),
         "corrupted_json": '{"cells": [{"cell_type": "code", "source": "import torch',
         "not_a_notebook": '{"hello": "world"}',
         "nothing_submitted": None,
@@ -185,6 +220,7 @@ EXPECTED = {
     "endless_loop_in_cell": (1, 1, 1, _T),
     "endless_loop_in_function": (1, 0, 1, _T),
     "extra_cells": (1, 1, 1, "graded"),
+    "forges_messages": (0, 0, 0, _C),
     "hard_coded_values": (1, 1, 0, "graded"),
     "huge_output": (1, 1, 1, "graded"),
     "loop_that_swallows_interrupts": (0, 0, 0, _T),
@@ -193,6 +229,10 @@ EXPECTED = {
     "not_a_notebook": (0, 0, 0, "invalid notebook"),
     "nothing_submitted": (0, 0, 0, "missing"),
     "os_exit_in_cell": (0, 0, 0, _C),
+    "patches_allclose": (0, 1, 1, "graded"),
+    "patches_reference": (0, 0, 1, "graded"),  # 1.2's planted VP drift is the patched one, in its process
+    "patches_run_checks": (0, 1, 1, "graded"),
+    "patches_verdict": (0, 1, 1, "graded"),
     "raises_exception": (1, 1, 0, "graded"),
     "renamed_functions": (0, 1, 1, "graded"),
     "returns_nan": (0, 1, 1, "graded"),

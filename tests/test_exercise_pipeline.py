@@ -8,7 +8,8 @@ import pytest
 
 from course.cli import main
 from course.exercises.build import ExerciseBuildError, build_exercises, strip_solutions
-from course.exercises.runner import check_notebook
+from course.exercises.registry import CHAPTERS
+from course.exercises.runner import Limits, check_notebook
 from tests.notebook_code import ROOT
 
 
@@ -97,6 +98,16 @@ def test_course_check_on_solution_and_stub(tmp_path):
     stub = check_notebook(ex / "01_forward_sdes.ipynb", seed=0)
     assert stub.status == "graded" and stub.score == 0, stub.summary()
     assert all(r.status == "not attempted" for r in stub.results)
+
+
+@pytest.mark.parametrize("chapter", list(CHAPTERS))
+def test_every_solution_gets_full_marks_across_the_trust_boundary(chapter):
+    """Each solution notebook, run in its own process with its checks in this one (planted
+    functions sent by value or called back, gradients taken in the student's process), passes
+    every exercise with fresh random inputs. The cell limit is generous: exercise 8.4 trains."""
+    report = check_notebook(ROOT / "solutions" / f"{chapter}.ipynb",
+                            limits=Limits(notebook_timeout=900, cell_timeout=400, check_timeout=120))
+    assert report.status == "graded" and report.score == report.max_score, report.summary()
 
 
 def test_course_check_on_invalid_notebook(tmp_path, capsys):

@@ -73,6 +73,7 @@ def test_submissions_and_instructor_files_survive(graded):
     root, subs, out, before = graded
     assert sorted(p.relative_to(subs) for p in subs.rglob("*")) == before
     assert (out / "keep.txt").read_text() == "the instructor's file"
+    assert not (out / "gradebook.partial.csv").exists()  # replaced by the full gradebook at the end
     assert not list(root.glob("*.ipynb"))  # nothing written beside the folders either
 
 
@@ -155,3 +156,27 @@ def test_syllabus_points_equal_the_registry():
     for chapter, exercises in CHAPTERS.items():
         expected = " · ".join(f"{ex.id}: {ex.points:g}" for ex in exercises)
         assert rows[chapter[:2]][4] == expected, (chapter, rows[chapter[:2]][4])
+
+
+def test_gradebook_cells_cannot_start_a_formula():
+    g = StudentGrade("=HYPERLINK(\"http://x\")", (NotebookReport("x.ipynb", "03_probability_flow", "graded", tuple(
+        CheckResult(ex.id, ex.title, "passed", "") for ex in CHAPTERS["03_probability_flow"])),))
+    rows = list(csv.reader(io.StringIO(gradebook_csv([g, StudentGrade("@bob", g.reports), StudentGrade("-x", g.reports),
+                                                     StudentGrade("ann", g.reports)]))))
+    assert [r[0] for r in rows[1:]] == ["'=HYPERLINK(\"http://x\")", "'@bob", "'-x", "ann"]
+    assert rows[1][1:] == ["1", "1", "2", "2", "graded"]
+
+
+def test_partial_gradebook_keeps_each_grade_until_the_full_one_is_written(tmp_path):
+    from course.exercises.grade import PARTIAL, PartialGradebook, Submission
+
+    ch = "03_probability_flow"
+    partial = PartialGradebook(tmp_path)
+    rep = NotebookReport("x.ipynb", ch, "graded", (CheckResult("3.1", "t", "passed", ""),
+                                                   CheckResult("3.2", "t", "failed", "")))
+    partial.add(Submission("+ann", ch, None), rep)
+    assert (tmp_path / PARTIAL).read_text() == "student,chapter,points,out of,status\n'+ann,03_probability_flow,1,2,graded\n"
+    write_results([StudentGrade("+ann", (rep,))], tmp_path)
+    assert not (tmp_path / PARTIAL).exists() and (tmp_path / "gradebook.csv").read_text().splitlines()[1] == \
+        "'+ann,1,0,1,2,graded"
+    assert not list(tmp_path.rglob("*.tmp"))

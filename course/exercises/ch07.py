@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from ..utils import expand_like
 from .ch01 import _generator
 from .ch05 import _path_name, _paths
-from .verdict import CheckResult, Mismatch, call_student, compare, run_check
+from .verdict import CheckResult, Mismatch, call_student, compare, gradients, run_check
 
 SHAPES = [(16, 2), (4, 1, 6, 6)]
 
@@ -285,8 +285,7 @@ def check_cd_loss(cd_loss: Callable, *, seed: int | None = None) -> CheckResult:
                 params = {"student": list(student.parameters()), "ema": list(ema.parameters()),
                           "teacher_velocity": list(teacher.parameters())}
                 tracked = [p for ps in params.values() for p in ps if p.requires_grad]
-                found = dict(zip(map(id, tracked), torch.autograd.grad(got.reshape(()), tracked, allow_unused=True),
-                                 strict=True))
+                found = dict(zip(map(id, tracked), gradients(got, tracked), strict=True))
                 grads = {who: [found.get(id(p)) for p in ps] for who, ps in params.items()}
                 for who, what in (("ema", "the target network `ema`"), ("teacher_velocity", "the teacher")):
                     if any(g is not None and g.abs().max() > 0 for g in grads[who]):
@@ -306,7 +305,10 @@ def check_cd_loss(cd_loss: Callable, *, seed: int | None = None) -> CheckResult:
 
 # ---- 7.4 multistep consistency sampling -------------------------------------------------------------------
 class _CountingF:
-    """A smooth stand-in consistency function that counts its evaluations."""
+    """A smooth stand-in consistency function that counts its evaluations. When grading, it stays in
+    the grader's process and the student's code calls back into it (``_course_callback``)."""
+
+    _course_callback = True
 
     def __init__(self, gen: torch.Generator, shape):
         self.w = 0.5 + torch.rand((), generator=gen, dtype=torch.float64)

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from .ch01 import _generator
 from .ch07 import _not_the_library
-from .verdict import CheckResult, Mismatch, call_student, compare, run_check
+from .verdict import CheckResult, Mismatch, call_student, compare, gradients, run_check
 
 LATENT_SHAPES = [(8, 4, 7, 7), (5, 3, 2, 2), (6, 16)]
 
@@ -75,7 +75,7 @@ def check_posterior_sample_and_kl(posterior_sample_and_kl: Callable, *, seed: in
                 raise Mismatch(f"z {where} has no gradient path to mean and logvar: the reparameterisation trick "
                                "writes the sample as a differentiable function of them (no torch.normal, no detach)")
             w = torch.randn(shape, generator=gen, dtype=torch.float64)
-            g_mean, g_logvar = torch.autograd.grad((z * w).sum(), (mean, logvar), allow_unused=True)
+            g_mean, g_logvar = gradients(z, (mean, logvar), w)
             if g_logvar is None or not torch.allclose(g_logvar.double(), w * 0.5 * std * eps, rtol=1e-4, atol=1e-8):
                 raise Mismatch(f"z {where} has the right value but the wrong gradient with respect to logvar "
                                "(is the noise term detached?); d z / d logvar = exp(logvar / 2) eps / 2")
@@ -83,7 +83,7 @@ def check_posterior_sample_and_kl(posterior_sample_and_kl: Callable, *, seed: in
                 raise Mismatch(f"z {where} has the right value but the wrong gradient with respect to mean")
             if not (isinstance(kl, Tensor) and kl.requires_grad):
                 raise Mismatch(f"kl {where} has no gradient path to mean and logvar; the KL term is trained")
-            g_mean, g_logvar = torch.autograd.grad(kl.sum(), (mean, logvar), allow_unused=True)
+            g_mean, g_logvar = gradients(kl, (mean, logvar))
             if g_mean is None or g_logvar is None or not torch.allclose(g_mean.double(), m, rtol=1e-4, atol=1e-8) \
                     or not torch.allclose(g_logvar.double(), 0.5 * (lv.exp() - 1), rtol=1e-4, atol=1e-8):
                 raise Mismatch(f"kl {where} has the right value but not its gradient (d kl / d mean = mean, "
@@ -175,7 +175,7 @@ def check_latent_cfm_loss(latent_cfm_loss: Callable, *, seed: int | None = None)
             if not got.requires_grad:
                 raise Mismatch(f"latent_cfm_loss {where} has no gradient path to the velocity model's parameters")
             tracked = list(velocity.parameters()) + list(encoder.parameters())
-            grads = torch.autograd.grad(got.reshape(()), tracked, allow_unused=True)
+            grads = gradients(got, tracked)
             g_enc = grads[len(list(velocity.parameters())):]
             if any(g is not None and g.abs().max() > 0 for g in g_enc):
                 raise Mismatch(f"latent_cfm_loss {where}: gradients flow into the encoder; the autoencoder is "

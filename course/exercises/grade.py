@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import re
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -32,8 +33,8 @@ from .registry import CHAPTERS, Exercise
 from .runner import Limits, NotebookReport, check_notebook
 from .verdict import CheckResult
 
-__all__ = ["Submission", "StudentGrade", "discover", "grade_submissions", "gradebook_csv", "feedback_markdown",
-           "summary_table", "write_results"]
+__all__ = ["Submission", "StudentGrade", "PartialGradebook", "discover", "grade_submissions", "gradebook_csv",
+           "feedback_markdown", "summary_table", "write_results"]
 
 _SEPARATORS = "_-. "
 
@@ -185,6 +186,16 @@ def _fmt(points: float) -> str:
     return f"{points:g}"
 
 
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _cell(value: str) -> str:
+    """A CSV cell a spreadsheet shows as text: a leading =, +, -, @, tab or CR would start a
+    formula (CSV injection), so such a cell is prefixed with an apostrophe."""
+    value = str(value)
+    return "'" + value if value.startswith(_FORMULA_START) else value
+
+
 def gradebook_csv(grades: list[StudentGrade]) -> str:
     """One row per student: points per exercise, total, out of, status."""
     out = io.StringIO()
@@ -194,7 +205,8 @@ def gradebook_csv(grades: list[StudentGrade]) -> str:
     out_of = sum(ex.points for ex in exercises)
     for g in grades:
         pts = g.points()
-        writer.writerow([g.student, *(_fmt(pts[ex.id]) for ex in exercises), _fmt(g.total), _fmt(out_of), g.status])
+        writer.writerow([_cell(g.student), *(_fmt(pts[ex.id]) for ex in exercises), _fmt(g.total), _fmt(out_of),
+                         _cell(g.status)])
     return out.getvalue()
 
 
@@ -241,12 +253,50 @@ def summary_table(grades: list[StudentGrade]) -> str:
 _UNSAFE = re.compile(r"[^A-Za-z0-9._@+-]+")
 
 
+def _atomic_write(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path`` and rename it over ``path``: a reader
+    (or a grader killed midway) sees the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+PARTIAL = "gradebook.partial.csv"
+
+
+class PartialGradebook:
+    """``<out>/gradebook.partial.csv``: one line per notebook as soon as it is graded (student,
+    chapter, points, out of, status), so that a grader killed midway leaves the grades it had.
+    :func:`write_results` removes it once the full gradebook is written."""
+
+    def __init__(self, out: str | Path):
+        self.path = Path(out) / PARTIAL
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._rows = [["student", "chapter", "points", "out of", "status"]]
+        self._write()
+
+    def add(self, sub: Submission, report: NotebookReport) -> None:
+        pts = {r.exercise for r in report.results if r.passed}
+        earned = sum(ex.points for ex in CHAPTERS[report.chapter] if ex.id in pts)
+        self._rows.append([_cell(sub.student), sub.chapter, _fmt(earned),
+                           _fmt(sum(ex.points for ex in CHAPTERS[report.chapter])), _cell(report.status)])
+        self._write()
+
+    def _write(self) -> None:
+        out = io.StringIO()
+        csv.writer(out, lineterminator="\n").writerows(self._rows)
+        _atomic_write(self.path, out.getvalue())
+
+
 def write_results(grades: list[StudentGrade], out: str | Path, notes: Iterable[str] = ()) -> Path:
-    """Write ``gradebook.csv`` and ``feedback/<student>.md`` under ``out``; return the gradebook path."""
+    """Write ``gradebook.csv`` and ``feedback/<student>.md`` under ``out`` (each file written
+    whole, then renamed into place), remove the partial gradebook; return the gradebook path."""
     out = Path(out)
     (out / "feedback").mkdir(parents=True, exist_ok=True)
     book = out / "gradebook.csv"
-    book.write_text(gradebook_csv(grades), encoding="utf-8")
     used: set[str] = set()
     for g in grades:
         name = base = _UNSAFE.sub("_", g.student).strip("._") or "student"
@@ -255,8 +305,10 @@ def write_results(grades: list[StudentGrade], out: str | Path, notes: Iterable[s
             k += 1
             name = f"{base}-{k}"
         used.add(name)
-        (out / "feedback" / f"{name}.md").write_text(feedback_markdown(g), encoding="utf-8")
+        _atomic_write(out / "feedback" / f"{name}.md", feedback_markdown(g))
     notes = list(notes)
     if notes:
-        (out / "unattributed.txt").write_text("\n".join(notes) + "\n", encoding="utf-8")
+        _atomic_write(out / "unattributed.txt", "\n".join(notes) + "\n")
+    _atomic_write(book, gradebook_csv(grades))  # last: its presence means every file above is complete
+    (out / PARTIAL).unlink(missing_ok=True)
     return book

@@ -1,44 +1,61 @@
-"""Run an exercise notebook in a sandbox and collect the verdict of every exercise.
+"""Run an exercise notebook in a sandbox and check every exercise from outside it.
 
 ``course check`` (students) and ``course grade`` (instructors) both come here, so a student
 sees exactly the verdicts the grader records. Each notebook runs in a child process
-(:mod:`course.exercises.sandbox`) that
+(:mod:`course.exercises.sandbox`, the *student side*) that
 
 - is started in a session of its own and killed, with everything it started in that session,
   when the whole notebook runs past ``Limits.notebook_timeout``;
 - has its own scratch working directory (a copy of the notebook and nothing else), with HOME,
   TMPDIR and the Jupyter/Matplotlib config folders pointing inside it, which is deleted after;
-- runs under resource limits where the platform has them (POSIX ``setrlimit``: address space
-  ``memory_mb``, largest file written ``max_file_mb``, no core dumps);
-- interrupts any single cell after ``cell_timeout`` and any single check after ``check_timeout``;
+- runs under resource limits (POSIX ``setrlimit``: address space ``memory_mb``, largest file
+  written ``max_file_mb``, no core dumps);
+- interrupts any single cell after ``cell_timeout``;
 - discards what the notebook prints, noting in the report when it printed more than ``max_output``
-  characters;
-- runs the checks with fresh random inputs (``seed=None``), so values copied from a notebook's
-  printed output do not pass.
+  characters.
+
+The checks run here, in the grader, with fresh random inputs (``seed=None``): they call the
+student's functions through :class:`~course.exercises.remote.RemoteFunction` proxies, so nothing
+the notebook patches in its own process reaches a verdict (:mod:`course.exercises.remote`). A
+check that runs past ``check_timeout`` is interrupted in the student process.
 
 What this does not protect against is documented in the README (instructor section): the child
-runs with the grader's user rights, so a submission written to attack the grader (absolute
-paths, patching the checks in memory) needs an OS-level sandbox around ``course grade``.
+runs with the grader's user rights and sees its file system and processes, so untrusted classes
+need an OS-level sandbox around ``course grade``.
 """
 
 from __future__ import annotations
 
-import json
 import os
+import pickle
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import nbformat
 
-from .registry import CHAPTERS
+from .registry import CHAPTERS, run_checks
+from .remote import (
+    CheckTimedOut,
+    RemoteFunction,
+    Session,
+    SessionLost,
+    decode,
+    receive,
+    register_session,
+    send,
+    unregister_session,
+)
 from .verdict import CheckResult
 
-__all__ = ["Limits", "NotebookReport", "check_notebook", "chapter_of", "STATUSES"]
+__all__ = ["Limits", "NotebookReport", "check_notebook", "chapter_of", "student_process", "STATUSES"]
 
 STATUSES = ("graded", "timed out", "crashed", "invalid notebook", "missing")
 SOURCE_ROOT = Path(__file__).resolve().parents[2]  # the folder that holds the ``course`` package
@@ -131,31 +148,18 @@ def _limit_resources(limits: Limits) -> None:  # runs in the child between fork 
 def _kill(proc: subprocess.Popen) -> None:
     """Kill the child and everything it started in its session."""
     try:
-        if os.name == "posix":
-            os.killpg(proc.pid, signal.SIGKILL)
-        else:
-            proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
     proc.wait()
 
 
-def _events(path: Path) -> list[dict]:
-    events = []
-    if path.exists():
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                events.append(json.loads(line))
-            except json.JSONDecodeError:  # a line cut short when the process was killed
-                break
-    return events
-
-
 def _why_it_ended(returncode: int, limits: Limits, stderr: str) -> str:
     if returncode < 0:
         sig = signal.Signals(-returncode).name if -returncode in signal.valid_signals() else str(-returncode)
-        if sig == "SIGKILL" and limits.memory_mb is not None:
-            return f"the notebook's process was killed (SIGKILL; more memory than the {limits.memory_mb} MB cap?)"
+        if sig == "SIGKILL":  # the memory cap makes allocations fail (MemoryError); it sends no signal
+            return ("the notebook's process was killed (SIGKILL) from outside the notebook: by the system's "
+                    "out-of-memory killer or by another process, not by the grader's limits")
         if sig == "SIGXFSZ":
             return f"the notebook's process was stopped for writing a file larger than {limits.max_file_mb} MB"
         return f"the notebook's process was killed by {sig}"
@@ -166,23 +170,24 @@ def _why_it_ended(returncode: int, limits: Limits, stderr: str) -> str:
 
 def _report(path: Path, chapter: str, events: list[dict], returncode: int | None, limits: Limits,
             stderr: str) -> NotebookReport:
-    results = [CheckResult(**{k: e[k] for k in ("exercise", "title", "status", "message")})
-               for e in events if e.get("event") == "check"]
-    notes = [e["detail"] for e in events if e.get("event") == "cell"]
-    done = next((e for e in events if e.get("event") == "done"), None)
-    internal = [e["detail"] for e in events if e.get("event") == "internal error"]
+    results = [e["result"] for e in events if e.get("kind") == "check"]
+    notes = [e["detail"] for e in events if e.get("kind") == "cell"]
+    done = next((e for e in events if e.get("kind") == "done"), None)
+    internal = [e["detail"] for e in events if e.get("kind") == "internal error"]
+    lost = [e["detail"] for e in events if e.get("kind") == "lost"]
     if returncode is None:
         status = "timed out"
         why = f"not checked: the notebook ran past its {limits.notebook_timeout:g} s limit and was stopped"
         notes.append(f"the notebook ran past its {limits.notebook_timeout:g} s limit and was stopped")
     elif done is None or internal:
-        status = "crashed"
+        status = "timed out" if any(e.get("timed_out") for e in events if e.get("kind") == "lost") else "crashed"
         reason = (f"grading failed inside the sandbox: {internal[0].strip().splitlines()[-1]}" if internal
-                  else _why_it_ended(returncode, limits, stderr))
+                  else lost[0] if lost and returncode == 0 else _why_it_ended(returncode, limits, stderr))
         why = f"not checked: {reason}"
         notes.append(reason)
     else:
-        timed = any(e.get("status") == "timed out" for e in events if e.get("event") in ("cell", "check"))
+        timed = any(e.get("status") == "timed out" for e in events if e.get("kind") == "cell") or any(
+            r.status == "timed out" for r in results)
         status, why = ("timed out" if timed else "graded"), ""
     if done is not None and done.get("output_chars", 0) > limits.max_output:
         notes.append(f"the notebook printed {done['output_chars']:,} characters, more than the "
@@ -212,31 +217,132 @@ def check_notebook(path: str | Path, *, seed: int | None = None, limits: Limits 
             for ex in CHAPTERS.get(chapter, ())), notes=(why,))
     if chapter not in CHAPTERS:
         raise ValueError(f"unknown chapter {chapter!r}; expected one of {', '.join(CHAPTERS)}")
-    # The working folder and the event log live in separate temporary folders, so that nothing
+    if os.name != "posix":
+        raise OSError("running a notebook for grading needs a POSIX system (Linux or macOS); on Windows use WSL "
+                      "or a Linux container")
+    with student_process(path, chapter, limits) as (proc, session, log):
+        events, timed_out = _converse(session, chapter, seed, limits)
+        if not timed_out and not session.lost_by_timeout:
+            try:  # a process that said goodbye, or died by itself, ends on its own: keep its exit status
+                proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                pass
+        stopped_by_grader = proc.poll() is None
+        _kill(proc)
+        returncode = None if timed_out else proc.returncode
+        if stopped_by_grader and any(e.get("kind") == "lost" for e in events):
+            returncode = 0  # the grader stopped it; the "lost" event says why
+        err = (log / "stderr.txt").read_bytes()[-4000:].decode("utf-8", errors="replace")
+    return _report(path, chapter, events, returncode, limits, err)
+
+
+@contextmanager
+def student_process(path: Path, chapter: str, limits: Limits):
+    """Start the student side (:mod:`course.exercises.sandbox`) on a scratch copy of the notebook
+    at ``path``; yields ``(process, session, log folder)`` and, on leaving, kills the process with
+    everything it started in its session and deletes the scratch and log folders."""
+    # The working folder and the stderr log live in separate temporary folders, so that nothing
     # the notebook reaches through relative paths ("..") is the grader's.
     scratch, log = Path(tempfile.mkdtemp(prefix="course-sandbox-")), Path(tempfile.mkdtemp(prefix="course-log-"))
+    to_child, from_child = os.pipe(), os.pipe()  # (read, write) pairs
+    open_fds = {*to_child, *from_child}  # closed once each: another grading thread may reuse a number
+    proc = None
     try:
         work = scratch / "work"
         work.mkdir()
         copy = work / "submission.ipynb"
         shutil.copyfile(path, copy)
-        cmd = [sys.executable, "-m", "course.exercises.sandbox", str(copy), chapter, str(log / "events.jsonl"),
-               "--cell-timeout", str(limits.cell_timeout), "--check-timeout", str(limits.check_timeout)]
-        if seed is not None:
-            cmd += ["--seed", str(seed)]
-        posix = os.name == "posix"
+        child_read, child_write = to_child[0], from_child[1]
+        cmd = [sys.executable, "-m", "course.exercises.sandbox", str(copy), chapter, str(child_read),
+               str(child_write), "--cell-timeout", str(limits.cell_timeout)]
         with open(log / "stderr.txt", "wb") as stderr:
             proc = subprocess.Popen(cmd, cwd=work, env=_environment(work, limits), stdin=subprocess.DEVNULL,
-                                    stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=posix,
-                                    preexec_fn=(lambda: _limit_resources(limits)) if posix else None)
-            try:
-                returncode = proc.wait(timeout=limits.notebook_timeout)
-            except subprocess.TimeoutExpired:
-                returncode = None
-            finally:
-                _kill(proc)
-        err = (log / "stderr.txt").read_bytes()[-4000:].decode("utf-8", errors="replace")
-        return _report(path, chapter, _events(log / "events.jsonl"), returncode, limits, err)
+                                    stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True,
+                                    pass_fds=(child_read, child_write), preexec_fn=lambda: _limit_resources(limits))
+        for fd in (child_read, child_write):
+            os.close(fd)
+            open_fds.discard(fd)
+        yield proc, Session(from_child[0], to_child[1]), log
     finally:
+        if proc is not None:
+            _kill(proc)
+        for fd in open_fds:
+            os.close(fd)
         shutil.rmtree(scratch, ignore_errors=True)
         shutil.rmtree(log, ignore_errors=True)
+
+
+def _converse(session: Session, chapter: str, seed: int | None, limits: Limits) -> tuple[list[dict], bool]:
+    """Follow the notebook's cells, then run every check of ``chapter`` here, calling the
+    student's functions through ``session``. Returns the events (cells, check results, how it
+    ended) and whether the whole notebook ran past its limit."""
+    events: list[dict] = []
+    end = time.monotonic() + limits.notebook_timeout
+    try:
+        while True:  # the cells
+            message = decode(receive(session.read_fd, deadline=end))
+            kind = message.get("kind") if isinstance(message, dict) else None
+            if kind == "ready":
+                events.append({"kind": "ready", "output_chars": int(message.get("output_chars", 0))})
+                break
+            if kind == "cell":
+                events.append({"kind": "cell", "status": str(message.get("status", ""))[:20],
+                               "detail": str(message.get("detail", ""))[:500]})
+            elif kind == "internal error":
+                events.append({"kind": "internal error", "detail": str(message.get("detail", ""))[-2000:]})
+                return events, False
+            elif kind != "start":
+                events.append({"kind": "lost", "killed": True, "detail": "the notebook's process sent something "
+                               "the grader could not read while its cells ran"})
+                return events, False
+    except TimeoutError:
+        return events, True
+    except EOFError:  # the process ended: its exit status says how
+        return events, False
+    except (OSError, ValueError, RuntimeError, pickle.UnpicklingError, struct.error):
+        events.append({"kind": "lost", "killed": True,
+                       "detail": "the notebook's process sent something the grader could not read"})
+        return events, False
+    register_session(session)
+    try:
+        session.deadline = min(time.monotonic() + limits.check_timeout, end)
+        try:
+            info = session.names().get("names", {})
+        except SessionLost as lost:
+            events.append({"kind": "lost", "killed": True, "detail": lost.reason})
+            return events, False
+        namespace = {name: RemoteFunction(session, name, str(facts.get("module", "")), str(facts.get("qualname", "")))
+                     for name, facts in (info.items() if isinstance(info, dict) else ()) if isinstance(facts, dict)}
+        for ex in CHAPTERS[chapter]:
+            session.deadline = min(time.monotonic() + limits.check_timeout, end)
+            try:
+                result = run_checks(chapter, namespace, seed=seed, only=ex.id)[0]
+            except CheckTimedOut:
+                if time.monotonic() >= end:
+                    return events, True
+                result = CheckResult(ex.id, ex.title, "timed out",
+                                     f"the check did not finish within {limits.check_timeout:g} s (an endless loop?)")
+            except SessionLost as lost:
+                if time.monotonic() >= end:
+                    return events, True
+                events.append({"kind": "lost", "killed": True, "detail": lost.reason,
+                               "timed_out": session.lost_by_timeout})
+                return events, False
+            except Exception as exc:  # noqa: BLE001 - a check met something it did not expect
+                result = CheckResult(ex.id, ex.title, "error", f"{', '.join(ex.names)} raised "
+                                     f"{type(exc).__name__}: {exc} during the check"[:1000])
+            events.append({"kind": "check", "result": result})
+        session.deadline = time.monotonic() + 5
+        try:
+            send(session.write_fd, pickle.dumps({"op": "stop"}))
+            message = decode(receive(session.read_fd, deadline=session.deadline))
+            if isinstance(message, dict) and message.get("kind") == "done":
+                events.append({"kind": "done", "output_chars": int(message.get("output_chars", 0))})
+        except (TimeoutError, EOFError, OSError, ValueError, RuntimeError, pickle.UnpicklingError, struct.error):
+            pass  # every check ran; a student side that does not say goodbye changes nothing
+        if not any(e["kind"] == "done" for e in events):
+            ready = next(e for e in events if e["kind"] == "ready")
+            events.append({"kind": "done", "output_chars": ready["output_chars"]})
+        return events, False
+    finally:
+        unregister_session(session)

@@ -15,7 +15,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["CheckResult", "Mismatch", "compare", "call_student", "run_check", "describe_where"]
+from .remote import gradients
+
+__all__ = ["CheckResult", "Mismatch", "compare", "call_student", "run_check", "describe_where", "gradients"]
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,17 @@ def compare(
     raise Mismatch(f"{name} {where}: {size}")
 
 
+def _exception_facts(exc: BaseException) -> tuple[str, str]:
+    """The type name and the failing line of a student's exception, raised here or reported from
+    the student's process (:class:`~course.exercises.remote.StudentException`)."""
+    from .remote import StudentException
+
+    if isinstance(exc, StudentException):
+        return exc.type_name, exc.line
+    frame = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+    return type(exc).__name__, (frame.line or "") if frame is not None else ""
+
+
 def run_check(exercise: str, title: str, body: Callable[[], str]) -> CheckResult:
     """Run ``body`` (which returns the pass message or raises) and turn it into a verdict."""
     try:
@@ -126,16 +139,16 @@ def run_check(exercise: str, title: str, body: Callable[[], str]) -> CheckResult
     except Mismatch as m:
         return CheckResult(exercise, title, "failed", str(m))
     except _StudentError as e:
-        if isinstance(e.exc, NotImplementedError):
+        kind, line = _exception_facts(e.exc)
+        if kind == "NotImplementedError":
             return CheckResult(exercise, title, "not attempted",
                                f"{e.name} still raises NotImplementedError: replace the "
                                f"`raise NotImplementedError(...)` line with your code")
-        frame = traceback.extract_tb(e.exc.__traceback__)[-1] if e.exc.__traceback__ else None
-        line = f" (line: `{frame.line}`)" if frame is not None and frame.line else ""
+        line = f" (line: `{line}`)" if line else ""
         hint = ""
-        if isinstance(e.exc, RuntimeError) and "must match the size of tensor" in str(e.exc):
+        if kind == "RuntimeError" and "must match the size of tensor" in str(e.exc):
             hint = ("; a per-sample quantity of shape (B,) must be reshaped with "
                     "expand_like(value, x) before it multiplies x")
         return CheckResult(exercise, title, "error",
-                           f"{e.name} raised {type(e.exc).__name__}: {e.exc} {e.where}{line}{hint}")
+                           f"{e.name} raised {kind}: {e.exc} {e.where}{line}{hint}")
     return CheckResult(exercise, title, "passed", message)
