@@ -87,6 +87,8 @@ def test_checks_use_fresh_random_inputs_so_pasted_values_fail(tmp_path):
 
 
 def test_discover_layouts_chapters_and_missing(tmp_path):
+    import os
+
     nb = nbformat.v4.new_notebook()
     (tmp_path / "ann").mkdir()
     (tmp_path / "ann" / "01_forward_sdes.ipynb").write_text(nbformat.writes(nb))
@@ -95,6 +97,7 @@ def test_discover_layouts_chapters_and_missing(tmp_path):
     (tmp_path / "ann" / ".ipynb_checkpoints" / "01_forward_sdes-checkpoint.ipynb").write_text("{}")
     (tmp_path / "bob-01_forward_sdes.ipynb").write_text(nbformat.writes(nb))
     (tmp_path / "bob_01_forward_sdes (1).ipynb").write_text(nbformat.writes(nb))
+    os.utime(tmp_path / "bob_01_forward_sdes (1).ipynb", ns=(1, 1))  # older: the newest is graded
     tagged = nbformat.v4.new_notebook(metadata={"course": {"chapter": "03_probability_flow"}})
     (tmp_path / "cy.ipynb").write_text(nbformat.writes(tagged))  # chapter from metadata, student from name
     (tmp_path / "notes.ipynb").write_text(nbformat.writes(nb))  # no chapter anywhere
@@ -180,3 +183,54 @@ def test_partial_gradebook_keeps_each_grade_until_the_full_one_is_written(tmp_pa
     assert not (tmp_path / PARTIAL).exists() and (tmp_path / "gradebook.csv").read_text().splitlines()[1] == \
         "'+ann,1,0,1,2,graded"
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_discovery_notes_every_odd_entry_and_never_crashes(tmp_path):
+    import os
+
+    nb = nbformat.writes(nbformat.v4.new_notebook())
+    ch1, ch3 = "01_forward_sdes", "03_probability_flow"
+    (tmp_path / "ann").mkdir()
+    (tmp_path / "ann" / f"{ch1}.ipynb").write_text(nb)
+    older = tmp_path / "ann" / f"{ch1} (old).ipynb"
+    older.write_text(nb)
+    os.utime(older, ns=(1, 1))  # the newest of several notebooks for one chapter is graded
+    (tmp_path / "ann" / "link.ipynb").symlink_to(tmp_path / "ann" / f"{ch1}.ipynb")
+    (tmp_path / "ann" / "linked_folder").symlink_to(tmp_path, target_is_directory=True)
+    (tmp_path / "ann" / "folder.ipynb").mkdir()
+    os.mkfifo(tmp_path / "ann" / f"{ch3}.ipynb")
+    (tmp_path / "ann" / "notes.txt").write_text("mine")  # a student's other files: kept, not noted
+    (tmp_path / "bob_01_FORWARD_SDES.IPYNB").write_text("\ufeff" + nb)  # case variant and a byte-order mark
+    (tmp_path / "cy_01_forward_sdes.zip").write_bytes(b"PK\x03\x04")
+    (tmp_path / os.fsdecode(b"d\xffn_01_forward_sdes.ipynb")).write_text(nb)  # a name that is not UTF-8
+    tagged = nbformat.writes(nbformat.v4.new_notebook(metadata={"course": {"chapter": ch3}}))
+    (tmp_path / f"eve_{ch1}.ipynb").write_text(tagged)  # the name and the metadata disagree
+    (tmp_path / "section-b").mkdir()
+    for who in ("fay", "gus"):
+        (tmp_path / "section-b" / f"{who}_{ch1}.ipynb").write_text(nb)
+    subs, notes = discover(tmp_path)
+    got = {(s.student, s.chapter): (s.path.name if s.path else None) for s in subs}
+    assert got == {("ann", ch1): f"{ch1}.ipynb", ("bob", ch1): "bob_01_FORWARD_SDES.IPYNB",
+                   ("d\ufffdn", ch1): "d\udcffn_01_forward_sdes.ipynb", ("eve", ch1): f"eve_{ch1}.ipynb",
+                   ("fay", ch1): f"fay_{ch1}.ipynb", ("gus", ch1): f"gus_{ch1}.ipynb"}
+    text = "\n".join(notes)
+    text.encode("utf-8")  # every note can be written to unattributed.txt
+    for expected in ("link.ipynb: a symbolic link; not followed", "linked_folder: a symbolic link",
+                     "folder.ipynb: a folder named like a notebook", f"{ch3}.ipynb: not a regular file",
+                     "cy_01_forward_sdes.zip: a zip archive; unpack it",
+                     f"eve_{ch1}.ipynb: named for chapter {ch1} but its metadata says {ch3}",
+                     "section-b: holds notebooks of 2 students (fay, gus)",
+                     f"ann, {ch1}: 2 notebooks; graded the newest"):
+        assert expected in text, (expected, text)
+    assert "notes.txt" not in text
+    report = check_notebook(tmp_path / "bob_01_FORWARD_SDES.IPYNB", chapter=ch1)
+    assert report.status == "graded", report.summary()  # the byte-order mark is not an error
+
+
+@pytest.mark.parametrize("content, why", [(b"", "the file is empty"), (b"\xff\xfe{}", "not UTF-8 text"),
+                                          (b"{\"cells\": 3}", "could not read the notebook")])
+def test_unreadable_files_are_invalid_notebooks_that_say_why(tmp_path, content, why):
+    path = tmp_path / "01_forward_sdes.ipynb"
+    path.write_bytes(content)
+    report = check_notebook(path)
+    assert report.status == "invalid notebook" and report.score == 0 and why in report.notes[0], report.notes

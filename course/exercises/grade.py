@@ -27,10 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import nbformat
-
 from .registry import CHAPTERS, Exercise
-from .runner import Limits, NotebookReport, check_notebook
+from .runner import Limits, NotebookReport, check_notebook, read_notebook
 from .verdict import CheckResult
 
 __all__ = ["Submission", "StudentGrade", "PartialGradebook", "discover", "grade_submissions", "gradebook_csv",
@@ -81,13 +79,14 @@ def _exercises(reports: Iterable[NotebookReport]) -> list[Exercise]:
 
 
 def _chapter_in_name(stem: str) -> str | None:
-    found = [ch for ch in CHAPTERS if ch in stem]
+    low = stem.lower()
+    found = [ch for ch in CHAPTERS if ch in low]
     return max(found, key=len) if found else None
 
 
 def _chapter_in_metadata(path: Path) -> str | None:
     try:
-        chapter = nbformat.read(path, as_version=4).metadata.get("course", {}).get("chapter")
+        chapter = read_notebook(path).metadata.get("course", {}).get("chapter")
     except Exception:  # noqa: BLE001 - unreadable: the runner reports it as an invalid notebook
         return None
     return chapter if chapter in CHAPTERS else None
@@ -95,16 +94,75 @@ def _chapter_in_metadata(path: Path) -> str | None:
 
 def _student_from_name(stem: str, chapter: str | None) -> str:
     """"bob_01_forward_sdes (1)" -> "bob": the text before the chapter name (else after it)."""
-    if chapter and chapter in stem:
-        before, after = stem.split(chapter, 1)
+    if chapter and chapter in stem.lower():
+        at = stem.lower().index(chapter)
+        before, after = stem[:at], stem[at + len(chapter):]
         return before.strip(_SEPARATORS) or after.strip(_SEPARATORS) or stem
     return stem
+
+
+def shown(path: Path | str) -> str:
+    """A path as text that can always be printed and written: bytes of a name that are not UTF-8
+    (allowed on Linux) become U+FFFD."""
+    return os.fsencode(str(path)).decode("utf-8", errors="replace")
+
+
+def _odd(entry: Path) -> str | None:
+    """Why ``entry`` is not a notebook to grade (None when it is a regular ``.ipynb`` file)."""
+    if entry.is_symlink():
+        return "a symbolic link; not followed, not graded"
+    if entry.is_dir():
+        return "a folder named like a notebook; not graded" if entry.suffix.lower() == ".ipynb" else None
+    if not entry.is_file():
+        return "not a regular file (a FIFO, socket or device); not graded"
+    if entry.suffix.lower() == ".zip":
+        return "a zip archive; unpack it into the submissions folder to grade what it holds"
+    if entry.suffix.lower() != ".ipynb":
+        return "not a notebook (.ipynb); not graded"
+    return None
+
+
+def _notebooks_in(folder: Path, notes: list[str]) -> list[Path]:
+    """The ``.ipynb`` files under a student's folder, without following links; odd entries noted."""
+    found = []
+    for root, dirs, files in os.walk(folder, followlinks=False):
+        here = Path(root)
+        keep = []
+        for d in sorted(dirs):
+            if d.startswith(".") or d == "__pycache__":
+                continue
+            why = _odd(here / d)
+            if why:
+                notes.append(f"{shown(here / d)}: {why}")
+            else:
+                keep.append(d)
+        dirs[:] = keep
+        for name in sorted(files):
+            if name.startswith("."):
+                continue
+            why = _odd(here / name)
+            if why is None:
+                found.append(here / name)
+            elif not why.startswith("not a notebook"):  # a student's other files are theirs to keep
+                notes.append(f"{shown(here / name)}: {why}")
+    return found
+
+
+def _chapter_of_file(path: Path, notes: list[str]) -> str | None:
+    named, tagged = _chapter_in_name(path.stem), _chapter_in_metadata(path)
+    if named and tagged and named != tagged:
+        notes.append(f"{shown(path)}: named for chapter {named} but its metadata says {tagged}; graded as {named}")
+    return named or tagged
 
 
 def discover(folder: str | Path, chapters: Iterable[str] | None = None
              ) -> tuple[list[Submission], list[str]]:
     """The submissions in ``folder`` (one per student and chapter, missing ones included, sorted
-    by student then chapter) and notes about files that could not be attributed."""
+    by student then chapter) and notes about every entry that was not graded or was graded with a
+    caveat. Links are not followed; odd entries (FIFOs, zip files, folders named like notebooks,
+    notebooks of no chapter) are noted, never fatal. A student's folder whose notebooks are named
+    for several students (``alice_01_....ipynb``, ``bob_01_....ipynb``) is a section folder: each
+    name is graded as its own student. Several notebooks for one chapter: the newest is graded."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"no submissions folder at {folder}")
@@ -114,22 +172,33 @@ def discover(folder: str | Path, chapters: Iterable[str] | None = None
     for entry in sorted(folder.iterdir()):
         if entry.name.startswith("."):
             continue
+        why = _odd(entry)
+        if why:
+            notes.append(f"{shown(entry)}: {why}")
+            continue
         if entry.is_dir():
-            students.add(entry.name)
-            files = sorted(p for p in entry.rglob("*.ipynb") if ".ipynb_checkpoints" not in p.parts)
-            for p in files:
-                chapter = _chapter_in_name(p.stem) or _chapter_in_metadata(p)
+            files = [(p, _chapter_of_file(p, notes)) for p in _notebooks_in(entry, notes)]
+            prefixes = {_student_from_name(p.stem, ch) for p, ch in files if ch and ch in p.stem.lower()}
+            prefixes.discard("")
+            section = len(prefixes) > 1 and all(ch and p.stem.lower() != ch for p, ch in files)
+            if not section:
+                students.add(shown(entry.name))  # a folder with no notebook: every chapter "missing"
+            if section:
+                notes.append(f"{shown(entry)}: holds notebooks of {len(prefixes)} students "
+                             f"({', '.join(sorted(shown(x) for x in prefixes))}); each graded as their own")
+            for p, chapter in files:
                 if chapter is None:
-                    notes.append(f"{p}: no chapter in its name or metadata; not graded")
-                else:
-                    found.setdefault((entry.name, chapter), []).append(p)
-        elif entry.suffix == ".ipynb":
-            chapter = _chapter_in_name(entry.stem)
-            student = _student_from_name(entry.stem, chapter)
-            chapter = chapter or _chapter_in_metadata(entry)
+                    notes.append(f"{shown(p)}: no chapter in its name or metadata; not graded")
+                    continue
+                student = shown(_student_from_name(p.stem, chapter) if section else entry.name)
+                students.add(student)
+                found.setdefault((student, chapter), []).append(p)
+        else:
+            chapter = _chapter_of_file(entry, notes)
             if chapter is None:
-                notes.append(f"{entry}: no chapter in its name or metadata; not graded")
+                notes.append(f"{shown(entry)}: no chapter in its name or metadata; not graded")
                 continue
+            student = shown(_student_from_name(entry.stem, chapter))
             students.add(student)
             found.setdefault((student, chapter), []).append(entry)
     if chapters is None:
@@ -143,8 +212,11 @@ def discover(folder: str | Path, chapters: Iterable[str] | None = None
     for student in sorted(students):
         for chapter in wanted:
             paths = found.get((student, chapter), [])
-            # several notebooks for one chapter: the one named exactly after the chapter, else the first
-            paths = sorted(paths, key=lambda p: (p.stem != chapter, str(p)))
+            # several notebooks for one chapter: the newest (then the one named exactly after the chapter)
+            paths = sorted(paths, key=lambda p: (-p.stat().st_mtime_ns, p.stem.lower() != chapter, str(p)))
+            if len(paths) > 1:
+                notes.append(f"{student}, {chapter}: {len(paths)} notebooks; graded the newest, {shown(paths[0])}; "
+                             f"not graded: {', '.join(shown(p) for p in paths[1:])}")
             subs.append(Submission(student, chapter, paths[0] if paths else None, tuple(paths[1:])))
     return subs, notes
 
@@ -176,7 +248,7 @@ def grade_submissions(subs: list[Submission], *, limits: Limits | None = None, s
     grades = []
     for student in dict.fromkeys(s.student for s in subs):
         mine = [s for s in subs if s.student == student]
-        ignored = tuple(f"{p}: another notebook for chapter {s.chapter}; {s.path.name} was graded"
+        ignored = tuple(f"{shown(p)}: another notebook for chapter {s.chapter}; {shown(s.path.name)} was graded"
                         for s in mine for p in s.ignored if s.path is not None)
         grades.append(StudentGrade(student, tuple(reports[s] for s in mine), ignored))
     return grades

@@ -55,7 +55,8 @@ from .remote import (
 )
 from .verdict import CheckResult
 
-__all__ = ["Limits", "NotebookReport", "check_notebook", "chapter_of", "student_process", "STATUSES"]
+__all__ = ["Limits", "NotebookReport", "check_notebook", "chapter_of", "read_notebook", "student_process",
+           "STATUSES"]
 
 STATUSES = ("graded", "timed out", "crashed", "invalid notebook", "missing")
 SOURCE_ROOT = Path(__file__).resolve().parents[2]  # the folder that holds the ``course`` package
@@ -116,8 +117,17 @@ def chapter_of(nb: nbformat.NotebookNode, path: Path) -> str:
     return chapter
 
 
-def _read_notebook(path: Path) -> nbformat.NotebookNode:
-    nb = nbformat.read(path, as_version=4)
+def read_notebook(path: Path) -> nbformat.NotebookNode:
+    """The notebook at ``path``, validated; ``ValueError`` naming what is wrong with the file (empty,
+    not UTF-8, not JSON, not a notebook). A UTF-8 byte-order mark is accepted."""
+    data = Path(path).read_bytes()
+    if not data.strip():
+        raise ValueError("the file is empty")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"the file is not UTF-8 text (byte {exc.start})") from None
+    nb = nbformat.reads(text, as_version=4)
     nbformat.validate(nb)
     return nb
 
@@ -208,7 +218,7 @@ def check_notebook(path: str | Path, *, seed: int | None = None, limits: Limits 
     if not path.is_file():
         raise FileNotFoundError(f"no notebook at {path}")
     try:
-        nb = _read_notebook(path)
+        nb = read_notebook(path)
         chapter = chapter or chapter_of(nb, path)
     except Exception as exc:  # noqa: BLE001 - corrupted JSON, not a notebook, unknown chapter
         why = f"could not read the notebook: {type(exc).__name__}: {exc}"[:500]
@@ -220,7 +230,7 @@ def check_notebook(path: str | Path, *, seed: int | None = None, limits: Limits 
     if os.name != "posix":
         raise OSError("running a notebook for grading needs a POSIX system (Linux or macOS); on Windows use WSL "
                       "or a Linux container")
-    with student_process(path, chapter, limits) as (proc, session, log):
+    with student_process(path, chapter, limits, notebook=nb) as (proc, session, log):
         events, timed_out = _converse(session, chapter, seed, limits)
         if not timed_out and not session.lost_by_timeout:
             try:  # a process that said goodbye, or died by itself, ends on its own: keep its exit status
@@ -237,9 +247,9 @@ def check_notebook(path: str | Path, *, seed: int | None = None, limits: Limits 
 
 
 @contextmanager
-def student_process(path: Path, chapter: str, limits: Limits):
+def student_process(path: Path, chapter: str, limits: Limits, notebook: nbformat.NotebookNode | None = None):
     """Start the student side (:mod:`course.exercises.sandbox`) on a scratch copy of the notebook
-    at ``path``; yields ``(process, session, log folder)`` and, on leaving, kills the process with
+    at ``path`` (written from ``notebook`` when given: the validated, UTF-8 text); yields ``(process, session, log folder)`` and, on leaving, kills the process with
     everything it started in its session and deletes the scratch and log folders."""
     # The working folder and the stderr log live in separate temporary folders, so that nothing
     # the notebook reaches through relative paths ("..") is the grader's.
@@ -251,7 +261,10 @@ def student_process(path: Path, chapter: str, limits: Limits):
         work = scratch / "work"
         work.mkdir()
         copy = work / "submission.ipynb"
-        shutil.copyfile(path, copy)
+        if notebook is None:
+            shutil.copyfile(path, copy)
+        else:
+            copy.write_text(nbformat.writes(notebook), encoding="utf-8")
         child_read, child_write = to_child[0], from_child[1]
         cmd = [sys.executable, "-m", "course.exercises.sandbox", str(copy), chapter, str(child_read),
                str(child_write), "--cell-timeout", str(limits.cell_timeout)]
