@@ -31,16 +31,23 @@ def _build_exercises(args) -> int:
     return 0
 
 
-def _limits(args):
+def _limits(args, hide=()):
+    from .exercises.isolation import resolve
     from .exercises.runner import Limits
 
     return Limits(notebook_timeout=args.timeout, cell_timeout=args.cell_timeout,
-                  check_timeout=args.check_timeout, memory_mb=args.memory_mb or None, fast=not args.full)
+                  check_timeout=args.check_timeout, memory_mb=args.memory_mb or None, fast=not args.full,
+                  isolation=resolve(args.isolation), hide=tuple(str(Path(h).resolve()) for h in hide))
 
 
 def _check(args) -> int:
     from .exercises.runner import check_notebook
 
+    try:
+        limits = _limits(args)
+    except (ValueError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     worst = 0
     for name in args.notebooks:
         path = Path(name)
@@ -49,7 +56,7 @@ def _check(args) -> int:
             worst = max(worst, 2)
             continue
         print(f"Running {path} headless (this takes a little while)...", flush=True)
-        report = check_notebook(path, seed=args.seed, limits=_limits(args))
+        report = check_notebook(path, seed=args.seed, limits=limits)
         print(report.summary())
         if report.status != "graded":
             worst = max(worst, 2)
@@ -79,6 +86,15 @@ def _grade(args) -> int:
         return 2
     for note in notes:
         print(f"warning: {note}", file=sys.stderr)
+    try:
+        limits = _limits(args, hide=(args.submissions, args.out))
+    except (ValueError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from .exercises.isolation import describe
+
+    isolation = describe(limits.isolation)
+    print(f"isolation: {isolation}", file=sys.stderr if limits.isolation == "none" else sys.stdout)
     students = len({s.student for s in subs})
     chapters = sorted({s.chapter for s in subs})
     print(f"Grading {students} student(s), chapter(s) {', '.join(chapters)}: {len(subs)} notebook(s)")
@@ -89,12 +105,20 @@ def _grade(args) -> int:
             bar.set_postfix_str(f"{sub.student}: {report.status}")
             bar.update()
 
-        grades = grade_submissions(subs, limits=_limits(args), seed=args.seed, jobs=args.jobs,
-                                   progress=progress)
-    book = write_results(grades, args.out, notes)
+        grades = grade_submissions(subs, limits=limits, seed=args.seed, jobs=args.jobs, progress=progress)
+    book = write_results(grades, args.out, notes, report=[f"isolation: {isolation}", *_run_facts(limits, args)])
     print(summary_table(grades))
     print(f"\nwrote {book} and {len(grades)} feedback file(s) in {Path(args.out) / 'feedback'}")
     return 0
+
+
+def _run_facts(limits, args) -> list[str]:
+    from . import __version__
+
+    return [f"limits: notebook {limits.notebook_timeout:g} s, cell {limits.cell_timeout:g} s, check "
+            f"{limits.check_timeout:g} s, memory {limits.memory_mb or 'no cap'} MB, "
+            f"{'full' if not limits.fast else 'fast'} mode", f"jobs: {args.jobs}",
+            f"seed: {'fresh' if args.seed is None else args.seed}", f"course {__version__}"]
 
 
 def _train(args) -> int:
@@ -140,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run notebooks in full mode (default: COURSE_FAST=1; points come only from the checks)")
         p.add_argument("--seed", type=int, default=None,
                        help="seed of the checks' random inputs (default: fresh each run)")
+        p.add_argument("--isolation", choices=("auto", "bwrap", "unshare", "none"), default="auto",
+                       help="OS sandbox per notebook: bwrap (bubblewrap), unshare, none, or auto: the first that "
+                            "works here (default)")
 
     p = sub.add_parser("check", help="run exercise notebooks in the sandbox and print each verdict")
     p.add_argument("notebooks", nargs="+", help="exercise notebook(s) to check")

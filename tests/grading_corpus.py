@@ -249,3 +249,38 @@ def expected_gradebook() -> str:
     for student, (a, b, c, status) in sorted(EXPECTED.items()):
         lines.append(f"{student},{a},{b},{c},{a + b + c},3,{status}")
     return "\n".join(lines) + "\n"
+
+
+def isolation_attacks(submissions: Path, out: Path) -> dict[str, nbformat.NotebookNode]:
+    """Correct solutions that also attack classmates, the grader and its output, with the real
+    absolute paths of this run written in. Graded only under an OS sandbox (without one, these
+    would succeed: that is what the sandbox is for)."""
+    victim = submissions / "correct" / f"{CHAPTER}.ipynb"
+    book = out / "gradebook.csv"
+    return {
+        "kills_what_it_sees": _after_imports(_solution(), (
+            "import os, signal\n"
+            "for pid in [int(p) for p in os.listdir('/proc') if p.isdigit()]:\n"
+            "    if pid != os.getpid():\n"
+            "        try:\n"
+            "            os.kill(pid, signal.SIGKILL)\n"
+            "        except OSError:\n"
+            "            pass")),
+        "kills_its_parent": _after_imports(_solution(), "import os\nos.kill(os.getppid(), 9)"),
+        "detached_rewrites_gradebook": _after_imports(_solution(), (
+            "import subprocess, sys\n"
+            f"code = 'import time; time.sleep(4); open({str(book)!r}, \"w\").write(\"forged\")'\n"
+            "subprocess.Popen([sys.executable, '-c', code], start_new_session=True)")),
+        "edits_a_classmate": _after_imports(_solution(), (
+            "import json\n"
+            f"path = {str(victim)!r}\n"
+            "nb = json.load(open(path))\n"
+            "nb['cells'].append({'cell_type': 'code', 'metadata': {}, 'outputs': [], 'execution_count': None,\n"
+            "                    'source': 'def vp_drift(x, t, beta_min=0.1, beta_max=20.0):\\n    return 0 * x'})\n"
+            "json.dump(nb, open(path, 'w'))")),
+        "deletes_a_classmate": _after_imports(_solution(), f"import os\nos.remove({str(victim)!r})"),
+        "reads_the_submissions": _after_imports(_solution(), (
+            "import glob\n"
+            f"found = glob.glob({str(submissions / '**' / '*.ipynb')!r}, recursive=True)\n"
+            "assert not found, found  # a cell that raises costs nothing; the feedback notes it")),
+    }

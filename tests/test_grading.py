@@ -3,6 +3,7 @@ is asserted exactly, the feedback carries the verdicts, and nothing outside the 
 
 import csv
 import io
+import subprocess
 
 import nbformat
 import pytest
@@ -74,6 +75,7 @@ def test_submissions_and_instructor_files_survive(graded):
     assert sorted(p.relative_to(subs) for p in subs.rglob("*")) == before
     assert (out / "keep.txt").read_text() == "the instructor's file"
     assert not (out / "gradebook.partial.csv").exists()  # replaced by the full gradebook at the end
+    assert (out / "grading.txt").read_text().startswith("isolation: ")
     assert not list(root.glob("*.ipynb"))  # nothing written beside the folders either
 
 
@@ -234,3 +236,39 @@ def test_unreadable_files_are_invalid_notebooks_that_say_why(tmp_path, content, 
     path.write_bytes(content)
     report = check_notebook(path)
     assert report.status == "invalid notebook" and report.score == 0 and why in report.notes[0], report.notes
+
+
+def test_attacks_on_classmates_and_the_grader_change_nothing_under_bwrap(tmp_path):
+    """Under bubblewrap, with two notebooks at a time: killing what it can see, its parent, a
+    detached process that rewrites the gradebook after the grader exits, editing, deleting and
+    listing classmates' notebooks by absolute path; everyone keeps their grade."""
+    import os
+    import time
+
+    from course.exercises import isolation
+    from tests.grading_corpus import isolation_attacks, submissions
+
+    if not isolation.works("bwrap"):
+        pytest.skip("bubblewrap is not installed or not allowed here (CI installs it)")
+    subs, out = tmp_path / "submissions", tmp_path / "grades"
+    attacks = isolation_attacks(subs, out)
+    everyone = {"correct": submissions()["correct"], "drift_wrong_sign": submissions()["drift_wrong_sign"], **attacks}
+    for student, nb in everyone.items():
+        (subs / student).mkdir(parents=True)
+        (subs / student / f"{CHAPTER}.ipynb").write_text(nbformat.writes(nb))
+    before = {p: p.read_bytes() for p in subs.rglob("*") if p.is_file()}
+    args = ["grade", str(subs), "--out", str(out), "--jobs", "2", "--isolation", "bwrap",
+            "--timeout", str(LIMITS["notebook_timeout"]), "--cell-timeout", str(LIMITS["cell_timeout"]),
+            "--check-timeout", str(LIMITS["check_timeout"]), "--memory-mb", str(LIMITS["memory_mb"])]
+    assert main(args) == 0
+    time.sleep(5)  # longer than the detached writer waits
+    rows = {r["student"]: r for r in csv.DictReader(io.StringIO((out / "gradebook.csv").read_text()))}
+    assert set(rows) == set(everyone)
+    for student in everyone:
+        want = ("2", "graded") if student == "drift_wrong_sign" else ("3", "graded")
+        assert (rows[student]["total"], rows[student]["status"]) == want, (student, rows[student])
+    assert {p: p.read_bytes() for p in subs.rglob("*") if p.is_file()} == before
+    assert (out / "grading.txt").read_text().startswith("isolation: bwrap")
+    assert "AssertionError" not in (out / "feedback" / "reads_the_submissions.md").read_text()  # saw nothing
+    leftovers = subprocess.run(["pgrep", "-f", "time.sleep(4)"], capture_output=True, text=True).stdout.split()
+    assert [p for p in leftovers if int(p) != os.getpid()] == []

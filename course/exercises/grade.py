@@ -363,9 +363,12 @@ class PartialGradebook:
         _atomic_write(self.path, out.getvalue())
 
 
-def write_results(grades: list[StudentGrade], out: str | Path, notes: Iterable[str] = ()) -> Path:
+def write_results(grades: list[StudentGrade], out: str | Path, notes: Iterable[str] = (),
+                  report: Iterable[str] = ()) -> Path:
     """Write ``gradebook.csv`` and ``feedback/<student>.md`` under ``out`` (each file written
-    whole, then renamed into place), remove the partial gradebook; return the gradebook path."""
+    whole, then renamed into place), ``grading.txt`` with the lines of ``report`` (how the run
+    was made: the isolation, the limits) when given, remove the partial gradebook; return the
+    gradebook path."""
     out = Path(out)
     (out / "feedback").mkdir(parents=True, exist_ok=True)
     book = out / "gradebook.csv"
@@ -378,9 +381,11 @@ def write_results(grades: list[StudentGrade], out: str | Path, notes: Iterable[s
             name = f"{base}-{k}"
         used.add(name)
         _atomic_write(out / "feedback" / f"{name}.md", feedback_markdown(g))
-    notes = list(notes)
+    notes, report = list(notes), list(report)
     if notes:
         _atomic_write(out / "unattributed.txt", "\n".join(notes) + "\n")
+    if report:
+        _atomic_write(out / "grading.txt", "\n".join(report) + "\n")
     _atomic_write(book, gradebook_csv(grades))  # last: its presence means every file above is complete
     (out / PARTIAL).unlink(missing_ok=True)
     return book

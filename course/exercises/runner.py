@@ -19,9 +19,9 @@ student's functions through :class:`~course.exercises.remote.RemoteFunction` pro
 the notebook patches in its own process reaches a verdict (:mod:`course.exercises.remote`). A
 check that runs past ``check_timeout`` is interrupted in the student process.
 
-What this does not protect against is documented in the README (instructor section): the child
-runs with the grader's user rights and sees its file system and processes, so untrusted classes
-need an OS-level sandbox around ``course grade``.
+Around the child, ``Limits.isolation`` puts an OS sandbox (:mod:`course.exercises.isolation`:
+bubblewrap, ``unshare`` or none): with bubblewrap it sees a read-only file system without the
+folders ``Limits.hide`` names, its own processes only, and no network.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from pathlib import Path
 
 import nbformat
 
+from .isolation import ISOLATIONS, resolve, wrap
 from .registry import CHAPTERS, run_checks
 from .remote import (
     CheckTimedOut,
@@ -64,7 +65,7 @@ SOURCE_ROOT = Path(__file__).resolve().parents[2]  # the folder that holds the `
 
 @dataclass(frozen=True)
 class Limits:
-    """Wall-clock, memory and output limits for running one notebook."""
+    """Wall-clock, memory and output limits, and the OS sandbox, for running one notebook."""
 
     notebook_timeout: float = 600.0  # seconds for the whole notebook and its checks
     cell_timeout: float = 120.0  # seconds per code cell
@@ -73,11 +74,15 @@ class Limits:
     max_file_mb: int = 256  # largest file the child may write
     max_output: int = 1_000_000  # printed characters above which the report notes a flood of output
     fast: bool = True  # run the notebook with COURSE_FAST=1 (points come only from the checks)
+    isolation: str = "auto"  # the OS sandbox (course.exercises.isolation): auto, bwrap, unshare or none
+    hide: tuple[str, ...] = ()  # folders the student process must not see (the submissions, --out)
 
     def __post_init__(self):
         for name in ("notebook_timeout", "cell_timeout", "check_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"expected {name} > 0 seconds; got {getattr(self, name)}")
+        if self.isolation not in ISOLATIONS:
+            raise ValueError(f"unknown isolation {self.isolation!r}; expected one of {', '.join(ISOLATIONS)}")
         if self.memory_mb is not None and self.memory_mb < 3072:
             raise ValueError("expected memory_mb >= 3072 (importing PyTorch alone maps about 3 GB of "
                              f"address space) or None; got {self.memory_mb}")
@@ -266,8 +271,10 @@ def student_process(path: Path, chapter: str, limits: Limits, notebook: nbformat
         else:
             copy.write_text(nbformat.writes(notebook), encoding="utf-8")
         child_read, child_write = to_child[0], from_child[1]
-        cmd = [sys.executable, "-m", "course.exercises.sandbox", str(copy), chapter, str(child_read),
-               str(child_write), "--cell-timeout", str(limits.cell_timeout)]
+        cmd = wrap(resolve(limits.isolation),
+                   [sys.executable, "-m", "course.exercises.sandbox", str(copy), chapter, str(child_read),
+                    str(child_write), "--cell-timeout", str(limits.cell_timeout)],
+                   scratch=scratch, hide=[Path(h) for h in limits.hide])
         with open(log / "stderr.txt", "wb") as stderr:
             proc = subprocess.Popen(cmd, cwd=work, env=_environment(work, limits), stdin=subprocess.DEVNULL,
                                     stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True,
