@@ -157,6 +157,11 @@ def vp_marginal(x0, t, beta_min=0.1, beta_max=20.0):
     return hog, hog
 """),
         "typo_in_imports": _typo_in_imports(),
+        "wraps_the_reference": _sol_with(vp_drift="""
+def vp_drift(x, t, beta_min=0.1, beta_max=20.0):
+    from course.sde import VPSDE
+    return VPSDE(beta_min=beta_min, beta_max=beta_max).drift(x, t)
+"""),
         # Each of these has the wrong-sign drift and then tries to make the check pass anyway by
         # patching, in its own process, what the check would use; the checks run in the grader.
         "patches_allclose": _append(_wrong_drift(), "torch.allclose = lambda *a, **k: True\n"
@@ -241,6 +246,7 @@ EXPECTED = {
     "sys_exit_in_function": (0, 1, 1, "graded"),
     "typo_in_imports": (0, 0, 0, "graded"),
     "wrong_shape": (0, 1, 1, "graded"),
+    "wraps_the_reference": (0, 1, 1, "graded"),
 }
 
 

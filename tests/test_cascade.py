@@ -101,6 +101,20 @@ def test_sample_cascade_runs_both_stages_and_is_exact_for_a_point_mass_sr_stage(
         cascade(images, torch.rand(4))
 
 
+def test_sample_cascade_super_resolves_given_low_res_images_without_the_base_model():
+    class NoBase(nn.Module):
+        def forward(self, *args, **kwargs):
+            raise AssertionError("the base model must not run when low-res images are given")
+
+    cascade = Cascade(NoBase(), PointMassSR())
+    low = torch.rand(3, 1, 14, 14, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    images = sample_cascade(cascade, torch.tensor([4, 5, 6]), nfe_sr=3, aug_level=0.0, low=low,
+                            generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(images, upsample(low, (28, 28)), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match=r"expected low of shape \(3, 1, 14, 14\)"):
+        sample_cascade(cascade, torch.tensor([4, 5, 6]), low=low[:2])
+
+
 def test_cascade_recipe_in_fast_mode(tmp_path):
     recipe = get_recipe("mnist_sr_cascade")
     assert recipe.option("max_aug") > 0 and recipe.option("sample_aug") <= recipe.option("max_aug")

@@ -5,13 +5,14 @@ This is the one place the syllabus, ``course check`` and grading read exercises 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from . import ch01, ch02, ch03, ch04, ch05, ch06, ch07, ch08
+from .provenance import reference_use
 from .verdict import CheckResult
 
-__all__ = ["Exercise", "CHAPTERS", "get_exercise", "check", "run_checks"]
+__all__ = ["Exercise", "CHAPTERS", "REFERENCES", "get_exercise", "check", "run_checks", "uses_reference"]
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,9 @@ class Exercise:
     names: tuple[str, ...]  # functions the student's notebook must define, in check order
     check: Callable[..., CheckResult]
     points: float = 1.0
+    # the course's own implementation of what the exercise asks for (dotted paths of functions,
+    # classes or modules): a solution that uses one gets no point (course.exercises.provenance)
+    reference: tuple[str, ...] = ()
 
 
 CHAPTERS: dict[str, tuple[Exercise, ...]] = {
@@ -87,6 +91,36 @@ CHAPTERS: dict[str, tuple[Exercise, ...]] = {
 }
 
 
+# What each exercise may not use: the course's implementation of the same thing.
+REFERENCES: dict[str, tuple[str, ...]] = {
+    "1.1": ("course.sde",), "1.2": ("course.simulate",), "1.3": ("course.sde",),
+    "2.1": ("course.losses",),
+    "2.2": ("course.samplers.reverse_em_step", "course.samplers.sample_reverse_em",
+            "course.samplers.reverse_diffusion_step"),
+    "2.3": ("course.samplers.langevin_step", "course.samplers.snr_step_size", "course.samplers.langevin_dynamics",
+            "course.samplers.sample_pc"),
+    "2.4": ("course.samplers.sample_vp_pc_algorithm3", "course.samplers.sample_pc", "course.samplers.langevin_step",
+            "course.samplers.snr_step_size"),
+    "3.1": ("course.sde.SDE.probability_flow_drift", "course.conversions", "course.ode"),
+    "3.2": ("course.ode.hutchinson_divergence", "course.ode.exact_divergence", "course.ode.log_likelihood"),
+    "4.1": ("course.fast_samplers.ddim_step", "course.fast_samplers.sample_ddim", "course.distillation.ddim_x0_step",
+            "course.guidance.classifier_guided_ddim_step"),
+    "4.2": ("course.fast_samplers.dpm_solver_2_step", "course.fast_samplers.dpm_solver_1_step",
+            "course.fast_samplers.sample_dpm_solver_2", "course.fast_samplers.sample_dpm_solver_pp_2m"),
+    "5.1": ("course.flow_matching",), "5.2": ("course.flow_matching",), "5.3": ("course.conversions",),
+    "5.4": ("course.flow_matching",),
+    "6.1": ("course.guidance",), "6.2": ("course.guidance", "course.fast_samplers"), "6.3": ("course.guidance",),
+    "7.1": ("course.distillation",), "7.2": ("course.consistency",), "7.3": ("course.consistency",),
+    "7.4": ("course.consistency",),
+    "8.1": ("course.autoencoder",), "8.2": ("course.flow_matching", "course.latent", "course.autoencoder"),
+    "8.3": ("course.cascade",),
+    "8.4": ("course.autoencoder", "course.latent", "course.pretrained", "course.recipe_registry", "course.recipes",
+            "course.latent_recipes", "course.training"),
+}
+CHAPTERS = {chapter: tuple(Exercise(ex.id, ex.title, ex.names, ex.check, ex.points, REFERENCES.get(ex.id, ()))
+                           for ex in exercises) for chapter, exercises in CHAPTERS.items()}
+
+
 def get_exercise(exercise_id: str) -> Exercise:
     """Look an exercise up by its id, e.g. ``"1.2"``."""
     for exercises in CHAPTERS.values():
@@ -97,19 +131,47 @@ def get_exercise(exercise_id: str) -> Exercise:
     raise ValueError(f"unknown exercise {exercise_id!r}; known exercises: {known}")
 
 
+def uses_reference(ex: Exercise, sources: Sequence[str]) -> CheckResult | None:
+    """A failed verdict when the notebook's code (``sources``: its code cells) answers ``ex`` with
+    the course's own implementation of it (see :mod:`course.exercises.provenance`), else None."""
+    for name in ex.names:
+        how = reference_use(sources, name, ex.reference)
+        if how:
+            return CheckResult(ex.id, ex.title, "failed",
+                               f"{name} uses the course's reference implementation ({how}); write it yourself: "
+                               "torch, math, the course's other helpers (such as expand_like) and the objects the "
+                               "check passes in are fine")
+    return None
+
+
+def _cell_sources(namespace: Mapping[str, object] | None = None) -> list[str]:
+    """The code run so far in this IPython session (its ``In`` list), or nothing outside IPython."""
+    history = (namespace or {}).get("In")
+    if history is None:
+        try:
+            from IPython import get_ipython
+
+            shell = get_ipython()
+            history = shell.user_ns.get("In") if shell is not None else None
+        except ImportError:
+            history = None
+    return [s for s in history if isinstance(s, str)] if isinstance(history, list) else []
+
+
 def check(exercise_id: str, *functions: Callable, seed: int | None = None) -> CheckResult:
     """Check the student's functions for one exercise, e.g. ``check("1.1", vp_drift, vp_diffusion)``."""
     ex = get_exercise(exercise_id)
     if len(functions) != len(ex.names):
         raise ValueError(f"exercise {ex.id} checks {len(ex.names)} function(s) "
                          f"({', '.join(ex.names)}); got {len(functions)}")
-    return ex.check(*functions, seed=seed)
+    return uses_reference(ex, _cell_sources()) or ex.check(*functions, seed=seed)
 
 
 def run_checks(chapter: str, namespace: Mapping[str, object], *, seed: int | None = None,
-               only: str | None = None) -> list[CheckResult]:
+               only: str | None = None, sources: Sequence[str] | None = None) -> list[CheckResult]:
     """Run every check of ``chapter`` (or only exercise ``only``, e.g. ``"1.2"``) on the
-    functions found by name in ``namespace``."""
+    functions found by name in ``namespace``. ``sources`` (the notebook's code cells; by default
+    the IPython session's history) is read for answers that use the course's reference."""
     if chapter not in CHAPTERS:
         raise ValueError(f"unknown chapter {chapter!r}; expected one of {', '.join(CHAPTERS)}")
     exercises = [ex for ex in CHAPTERS[chapter] if only is None or ex.id == only]
@@ -124,5 +186,6 @@ def run_checks(chapter: str, namespace: Mapping[str, object], *, seed: int | Non
                                        f"no function named {', '.join(missing)} was defined: "
                                        "run its cell and keep the name the exercise gives"))
             continue
-        results.append(ex.check(*(namespace[n] for n in ex.names), seed=seed))
+        copied = uses_reference(ex, sources if sources is not None else _cell_sources(namespace))
+        results.append(copied or ex.check(*(namespace[n] for n in ex.names), seed=seed))
     return results

@@ -236,7 +236,8 @@ def check_notebook(path: str | Path, *, seed: int | None = None, limits: Limits 
         raise OSError("running a notebook for grading needs a POSIX system (Linux or macOS); on Windows use WSL "
                       "or a Linux container")
     with student_process(path, chapter, limits, notebook=nb) as (proc, session, log):
-        events, timed_out = _converse(session, chapter, seed, limits)
+        sources = [c.source for c in nb.cells if c.cell_type == "code"]
+        events, timed_out = _converse(session, chapter, seed, limits, sources)
         if not timed_out and not session.lost_by_timeout:
             try:  # a process that said goodbye, or died by itself, ends on its own: keep its exit status
                 proc.wait(timeout=2)
@@ -292,7 +293,8 @@ def student_process(path: Path, chapter: str, limits: Limits, notebook: nbformat
         shutil.rmtree(log, ignore_errors=True)
 
 
-def _converse(session: Session, chapter: str, seed: int | None, limits: Limits) -> tuple[list[dict], bool]:
+def _converse(session: Session, chapter: str, seed: int | None, limits: Limits,
+              sources: list[str]) -> tuple[list[dict], bool]:
     """Follow the notebook's cells, then run every check of ``chapter`` here, calling the
     student's functions through ``session``. Returns the events (cells, check results, how it
     ended) and whether the whole notebook ran past its limit."""
@@ -336,7 +338,7 @@ def _converse(session: Session, chapter: str, seed: int | None, limits: Limits) 
         for ex in CHAPTERS[chapter]:
             session.deadline = min(time.monotonic() + limits.check_timeout, end)
             try:
-                result = run_checks(chapter, namespace, seed=seed, only=ex.id)[0]
+                result = run_checks(chapter, namespace, seed=seed, only=ex.id, sources=sources)[0]
             except CheckTimedOut:
                 if time.monotonic() >= end:
                     return events, True
