@@ -93,12 +93,18 @@ class Cascade(nn.Module):
 @torch.no_grad()
 def sample_cascade(cascade: Cascade, labels: Tensor, *, w: float = 1.0, nfe_base: int = 20, nfe_sr: int = 10,
                    aug_level: float = 0.1, generator: torch.Generator | None = None,
-                   return_low: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+                   return_low: bool = False, low: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """Class-conditional full-res samples: the base model with CFG at weight ``w`` (``nfe_base``
     Euler steps), then the SR model (``nfe_sr`` Euler steps) on the base sample augmented at
-    ``aug_level``. With ``return_low`` also the base model's low-res samples."""
+    ``aug_level``. With ``return_low`` also the base model's low-res samples. Given ``low`` (one
+    low-res image per label, e.g. downsampled real digits), the base stage is skipped and the SR
+    stage super-resolves ``low``: the cascade's SR stage measured apart from its base model."""
     cascade.eval()
-    low = sample_classes(cascade.base, labels, w=w, nfe=nfe_base, generator=generator, shape=cascade.low_shape)
+    if low is None:
+        low = sample_classes(cascade.base, labels, w=w, nfe=nfe_base, generator=generator, shape=cascade.low_shape)
+    elif tuple(low.shape) != (labels.shape[0], *cascade.low_shape):
+        raise ValueError(f"expected low of shape {(labels.shape[0], *cascade.low_shape)} (one low-res image per "
+                         f"label); got {tuple(low.shape)}")
     ts = torch.linspace(1.0, 0.0, check_positive_int(nfe_sr, "nfe_sr") + 1)
     out = []
     for part in low.split(500):
