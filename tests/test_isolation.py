@@ -104,7 +104,11 @@ def test_bwrap_sandbox_confines_the_student_process(tmp_path, targets):
     assert installed.read_text() == "REFERENCE = 1\n"
     assert out["list_hidden"] == "ok: []", out
     tmp = eval(out["list_tmp"][4:])  # noqa: S307 - a list of names written by repr in the probe
-    assert len(tmp) == 1 and tmp[0].startswith("course-sandbox-") and "classmate" not in tmp[0], out
+    # its own scratch folder, and (when the course or Python lives under /tmp) their read-only mount points
+    sandboxes = [name for name in tmp if name.startswith("course-sandbox-")]
+    assert len(sandboxes) == 1 and "classmate" not in sandboxes[0], out
+    exposed = {p.relative_to("/tmp").parts[0] for p in isolation._exposed() if p.is_relative_to("/tmp")}
+    assert set(tmp) - set(sandboxes) <= exposed, out
     assert out["signal_grader"] == "ProcessLookupError", out
     assert not out["network"].startswith("ok"), out
     assert out["environment"] == "absent"

@@ -83,9 +83,8 @@ def describe(kind: str) -> str:
 def _exposed() -> list[Path]:
     """What the student process must read: the Python installation and environment, every folder on
     ``sys.path`` and the course's source tree."""
-    from .runner import SOURCE_ROOT
-
-    paths = {Path(sys.prefix), Path(sys.base_prefix), Path(sys.executable).resolve().parent, SOURCE_ROOT}
+    source_root = Path(__file__).resolve().parents[2]  # the folder that holds the ``course`` package
+    paths = {Path(sys.prefix), Path(sys.base_prefix), Path(sys.executable).resolve().parent, source_root}
     paths |= {Path(p) for p in sys.path if p and Path(p).is_dir()}
     return sorted(p.resolve() for p in paths if p.exists())
 
