@@ -24,9 +24,12 @@ class Exercise:
     names: tuple[str, ...]  # functions the student's notebook must define, in check order
     check: Callable[..., CheckResult]
     points: float = 1.0
-    # the course's own implementation of what the exercise asks for (dotted paths of functions,
-    # classes or modules): a solution that uses one gets no point (course.exercises.provenance)
-    reference: tuple[str, ...] = ()
+
+    @property
+    def reference(self) -> tuple[str, ...]:
+        """The course's own implementation of what the exercise asks for (dotted paths of functions,
+        classes or modules): a solution that uses one gets no point (course.exercises.provenance)."""
+        return REFERENCES.get(self.id, ())
 
 
 CHAPTERS: dict[str, tuple[Exercise, ...]] = {
@@ -117,8 +120,6 @@ REFERENCES: dict[str, tuple[str, ...]] = {
     "8.4": ("course.autoencoder", "course.latent", "course.pretrained", "course.recipe_registry", "course.recipes",
             "course.latent_recipes", "course.training"),
 }
-CHAPTERS = {chapter: tuple(Exercise(ex.id, ex.title, ex.names, ex.check, ex.points, REFERENCES.get(ex.id, ()))
-                           for ex in exercises) for chapter, exercises in CHAPTERS.items()}
 
 
 def get_exercise(exercise_id: str) -> Exercise:
