@@ -2,7 +2,7 @@
 
 Usage:  python benchmarks/bench_grading.py [--jobs 1 2] [--isolation none bwrap]
 
-Writes the 31 planted chapter-01 submissions (correct, wrong in typical ways, stub, exceptions,
+Writes the 32 planted chapter-01 submissions (correct, wrong in typical ways, stub, exceptions,
 endless loops, sys.exit, os._exit, huge output, file deletion, NaN, wrong shape, broken JSON,
 missing, ...) to a temporary folder and grades them with the corpus's limits (60 s per notebook,
 6 s per cell, 10 s per check), once per --jobs and --isolation value (isolations that do not

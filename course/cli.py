@@ -77,7 +77,7 @@ def _grade(args) -> int:
     )
 
     try:
-        subs, notes = discover(args.submissions, args.chapters)
+        subs, notes = discover(args.submissions, args.chapters, choose=args.choose)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -179,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chapters", nargs="+", default=None,
                    help="chapters to grade, e.g. 01_forward_sdes (default: every chapter submitted)")
     p.add_argument("--jobs", type=int, default=1, help="notebooks run at the same time (default: 1)")
+    p.add_argument("--choose", action="append", default=[], metavar="NOTEBOOK",
+                   help="where a student submitted several notebooks for one chapter, grade this one instead of "
+                        "the newest (a path in the submissions folder; repeat for several students)")
     sandbox_options(p)
     p.set_defaults(func=_grade)
 

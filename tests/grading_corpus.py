@@ -157,6 +157,19 @@ def vp_marginal(x0, t, beta_min=0.1, beta_max=20.0):
     return hog, hog
 """),
         "typo_in_imports": _typo_in_imports(),
+        "computes_in_float32": _sol_with(vp_drift="""
+def vp_drift(x, t, beta_min=0.1, beta_max=20.0):
+    x, t = x.float(), t.float()
+    return -0.5 * expand_like(beta_min + t * (beta_max - beta_min), x) * x
+""", vp_diffusion="""
+def vp_diffusion(t, beta_min=0.1, beta_max=20.0):
+    return torch.sqrt(beta_min + t.float() * (beta_max - beta_min))
+""", vp_marginal="""
+def vp_marginal(x0, t, beta_min=0.1, beta_max=20.0):
+    x0, t = x0.float(), t.float()
+    alpha = torch.exp(-0.5 * (beta_min * t + 0.5 * (beta_max - beta_min) * t**2))
+    return expand_like(alpha, x0) * x0, torch.sqrt(1 - alpha**2)
+"""),
         "wraps_the_reference": _sol_with(vp_drift="""
 def vp_drift(x, t, beta_min=0.1, beta_max=20.0):
     from course.sde import VPSDE
@@ -218,6 +231,7 @@ _T, _C = "timed out", "crashed"
 EXPECTED = {
     "correct": (1, 1, 1, "graded"),
     "corrupted_json": (0, 0, 0, "invalid notebook"),
+    "computes_in_float32": (1, 1, 1, "graded"),
     "deletes_files": (1, 1, 1, "graded"),
     "diffusion_is_variance": (0, 1, 1, "graded"),
     "drift_wrong_sign": (0, 1, 1, "graded"),

@@ -115,6 +115,18 @@ def test_discover_layouts_chapters_and_missing(tmp_path):
     bob = next(s for s in subs if s.student == "bob" and s.chapter == "01_forward_sdes")
     assert [p.name for p in bob.ignored] == ["bob_01_forward_sdes (1).ipynb"]
     assert any("notes.ipynb" in n for n in notes)
+    chosen, notes = discover(tmp_path, choose=["bob_01_forward_sdes (1).ipynb"])  # the instructor's pick
+    bob = next(s for s in chosen if s.student == "bob" and s.chapter == "01_forward_sdes")
+    assert bob.path.name == "bob_01_forward_sdes (1).ipynb" and [p.name for p in bob.ignored] == \
+        ["bob-01_forward_sdes.ipynb"]
+    assert any("graded the chosen one, " in n and "bob_01_forward_sdes (1).ipynb; not graded" in n
+               for n in notes), notes
+    for wrong, message in (("ann/02_reverse_sde.ipynb", "not a notebook that was found"),
+                           (tmp_path.parent / "elsewhere.ipynb", "not inside the submissions folder")):
+        with pytest.raises(ValueError, match=message):
+            discover(tmp_path, choose=[wrong])
+    with pytest.raises(ValueError, match="names 2 notebooks for bob"):
+        discover(tmp_path, choose=["bob-01_forward_sdes.ipynb", "bob_01_forward_sdes (1).ipynb"])
     only, _ = discover(tmp_path, ["03_probability_flow"])
     assert {s.chapter for s in only} == {"03_probability_flow"}
     with pytest.raises(ValueError, match="unknown chapter"):
@@ -273,3 +285,21 @@ def test_attacks_on_classmates_and_the_grader_change_nothing_under_bwrap(tmp_pat
     assert "AssertionError" not in (out / "feedback" / "reads_the_submissions.md").read_text()  # saw nothing
     leftovers = subprocess.run(["pgrep", "-f", "time.sleep(4)"], capture_output=True, text=True).stdout.split()
     assert [p for p in leftovers if int(p) != os.getpid()] == []
+
+
+def test_feedback_file_names_are_unique_and_listed(tmp_path):
+    rep = NotebookReport("x.ipynb", "03_probability_flow", "graded", tuple(
+        CheckResult(ex.id, ex.title, "passed", "") for ex in CHAPTERS["03_probability_flow"]))
+    names = ["c5 collide", "c5_collide", "ann", "../../etc"]
+    write_results([StudentGrade(n, (rep,)) for n in names], tmp_path, report=["isolation: none"])
+    index = list(csv.reader(io.StringIO((tmp_path / "feedback" / "index.csv").read_text())))
+    assert index == [["student", "feedback"], ["c5 collide", "feedback/c5_collide.md"],
+                     ["c5_collide", "feedback/c5_collide-2.md"], ["ann", "feedback/ann.md"],
+                     ["../../etc", "feedback/etc.md"]]
+    for student, file in index[1:]:
+        assert (tmp_path / file).read_text().startswith(f"# Feedback for {student}"), file
+    assert sorted(p.name for p in (tmp_path / "feedback").iterdir()) == \
+        ["ann.md", "c5_collide-2.md", "c5_collide.md", "etc.md", "index.csv"]
+    report = (tmp_path / "grading.txt").read_text()
+    assert "'c5 collide' -> feedback/c5_collide.md" in report and "'c5_collide' -> feedback/c5_collide-2.md" \
+        in report and "'ann'" not in report, report

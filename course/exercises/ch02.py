@@ -19,7 +19,15 @@ from ..samplers import sample_vp_pc_algorithm3, snr_step_size
 from ..sde import VESDE
 from ..utils import expand_like
 from .ch01 import _generator, _random_vp
-from .verdict import CheckResult, Mismatch, call_student, compare, describe_where, run_check
+from .verdict import (
+    CheckResult,
+    Mismatch,
+    call_student,
+    compare,
+    describe_where,
+    run_check,
+    student_dtype,
+)
 
 SHAPES = [(16, 2), (4, 1, 8, 8)]
 TIMES = [0.05, 0.3, 0.7, 1.0]
@@ -207,8 +215,13 @@ def check_vp_pc_sampler(vp_pc_sampler: Callable, *, seed: int | None = None) -> 
                 where = f"for input shape {shape} with N={n}, M={m}, snr={snr:.3g}"
                 got = call_student(vp_pc_sampler, "vp_pc_sampler", score, x_init.clone(), n, sde, m,
                                    snr, torch.Generator().manual_seed(noise_seed), where=where)
-                ref = sample_vp_pc_algorithm3(score, x_init, n, sde=sde, corrector_steps=m, snr=snr,
-                                              generator=torch.Generator().manual_seed(noise_seed))
+                # torch.randn draws other numbers in float32 than in float64: a sampler that computes
+                # in float32 is compared with the reference run in float32 on the same generator
+                dtype = student_dtype("vp_pc_sampler", got, where) if isinstance(got, torch.Tensor) \
+                    else torch.float64
+                x_ref = x_init.to(dtype)
+                ref = sample_vp_pc_algorithm3(score, x_ref, n, sde=sde, corrector_steps=m, snr=snr,
+                                              generator=torch.Generator().manual_seed(noise_seed)).double()
                 mistakes = {
                     "evaluates the predictor's score at t_i; Algorithm 3 uses s(x_{i+1}, t_{i+1})":
                         "predictor time",
@@ -216,8 +229,8 @@ def check_vp_pc_sampler(vp_pc_sampler: Callable, *, seed: int | None = None) -> 
                         "corrector time",
                 }
                 compare("vp_pc_sampler", got, ref, where=where, rtol=1e-6, atol=1e-8, mistakes={
-                    hint: _mutant_algorithm3(score, x_init, n, sde, m, snr,
-                                             torch.Generator().manual_seed(noise_seed), mistake=key)
+                    hint: _mutant_algorithm3(score, x_ref, n, sde, m, snr,
+                                             torch.Generator().manual_seed(noise_seed), mistake=key).double()
                     for hint, key in mistakes.items()
                 })
         return "vp_pc_sampler reproduces Algorithm 3 exactly on 2-D and image shapes, with and without corrector steps."

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from ..utils import expand_like
 from .ch01 import _generator
 from .ch05 import _path_name, _paths
-from .verdict import CheckResult, Mismatch, call_student, compare, gradients, run_check
+from .verdict import CheckResult, Mismatch, call_student, compare, gradients, matches, run_check
 
 SHAPES = [(16, 2), (4, 1, 6, 6)]
 
@@ -175,7 +175,7 @@ def check_skip_coefficients(skip_coefficients: Callable, *, seed: int | None = N
                 if (c_skip - 1).abs().max() > tol or c_out.abs().max() > tol:
                     hint = ""
                     abs_skip = _edm(path, t, t_min, sigma_data, relative=False)[0]
-                    if torch.allclose(c_skip.double(), abs_skip, rtol=1e-6, atol=1e-9):
+                    if matches(c_skip, abs_skip, rtol=1e-6, atol=1e-9):
                         hint = (": it looks like alpha_t and sigma_t of the path itself; f's 'data' is x at "
                                 "t_min, so the coefficients use abar_t, sbar_t relative to t_min")
                     raise Mismatch(f"the boundary condition fails {where}: c_skip = {c_skip[0].item():.6g} and "
@@ -293,7 +293,7 @@ def check_cd_loss(cd_loss: Callable, *, seed: int | None = None) -> CheckResult:
                                        "stop-gradient (sg), computed without tracking gradients")
                 ref = torch.autograd.grad(expected, params["student"])
                 for p_name, g, r in zip(("gain", "width", "shift"), grads["student"], ref, strict=True):
-                    if g is None or not torch.allclose(g.double(), r, rtol=1e-4, atol=1e-7):
+                    if not matches(g, r, rtol=1e-4, atol=1e-7, dtype=got.dtype):
                         raise Mismatch(f"cd_loss {where}: the loss value is right but its gradient with respect to "
                                        f"the student's parameter {p_name!r} is not (is part of the student's "
                                        "output detached?)")

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from .ch01 import _generator
 from .ch07 import _not_the_library
-from .verdict import CheckResult, Mismatch, call_student, compare, gradients, run_check
+from .verdict import CheckResult, Mismatch, call_student, compare, gradients, matches, run_check
 
 LATENT_SHAPES = [(8, 4, 7, 7), (5, 3, 2, 2), (6, 16)]
 
@@ -76,16 +76,16 @@ def check_posterior_sample_and_kl(posterior_sample_and_kl: Callable, *, seed: in
                                "writes the sample as a differentiable function of them (no torch.normal, no detach)")
             w = torch.randn(shape, generator=gen, dtype=torch.float64)
             g_mean, g_logvar = gradients(z, (mean, logvar), w)
-            if g_logvar is None or not torch.allclose(g_logvar.double(), w * 0.5 * std * eps, rtol=1e-4, atol=1e-8):
+            if not matches(g_logvar, w * 0.5 * std * eps, rtol=1e-4, atol=1e-8, dtype=z.dtype):
                 raise Mismatch(f"z {where} has the right value but the wrong gradient with respect to logvar "
                                "(is the noise term detached?); d z / d logvar = exp(logvar / 2) eps / 2")
-            if g_mean is None or not torch.allclose(g_mean.double(), w, rtol=1e-4, atol=1e-8):
+            if not matches(g_mean, w, rtol=1e-4, atol=1e-8, dtype=z.dtype):
                 raise Mismatch(f"z {where} has the right value but the wrong gradient with respect to mean")
             if not (isinstance(kl, Tensor) and kl.requires_grad):
                 raise Mismatch(f"kl {where} has no gradient path to mean and logvar; the KL term is trained")
             g_mean, g_logvar = gradients(kl, (mean, logvar))
-            if g_mean is None or g_logvar is None or not torch.allclose(g_mean.double(), m, rtol=1e-4, atol=1e-8) \
-                    or not torch.allclose(g_logvar.double(), 0.5 * (lv.exp() - 1), rtol=1e-4, atol=1e-8):
+            if not matches(g_mean, m, rtol=1e-4, atol=1e-8, dtype=kl.dtype) \
+                    or not matches(g_logvar, 0.5 * (lv.exp() - 1), rtol=1e-4, atol=1e-8, dtype=kl.dtype):
                 raise Mismatch(f"kl {where} has the right value but not its gradient (d kl / d mean = mean, "
                                "d kl / d logvar = (exp(logvar) - 1) / 2)")
         return ("posterior_sample_and_kl draws z by the reparameterisation trick with gradients to mean and "
@@ -182,7 +182,7 @@ def check_latent_cfm_loss(latent_cfm_loss: Callable, *, seed: int | None = None)
                                "trained first and frozen, so encode under torch.no_grad()")
             ref = torch.autograd.grad(expected, list(velocity.parameters()))
             for name, g, r in zip(("gain", "label"), grads[:2], ref, strict=True):
-                if g is None or not torch.allclose(g.double(), r, rtol=1e-4, atol=1e-8):
+                if not matches(g, r, rtol=1e-4, atol=1e-8, dtype=got.dtype):
                     raise Mismatch(f"latent_cfm_loss {where}: the value is right but the gradient with respect to "
                                    f"the model's parameter {name!r} is not (is the model's output detached?)")
         return ("latent_cfm_loss trains the velocity model on scaled posterior samples with the rectified-flow "

@@ -155,17 +155,31 @@ def _chapter_of_file(path: Path, notes: list[str]) -> str | None:
     return named or tagged
 
 
-def discover(folder: str | Path, chapters: Iterable[str] | None = None
+def _inside(folder: Path, path: str | Path) -> Path:
+    """The absolute path of ``path``: a relative one is read inside ``folder``, unless only the
+    current folder has it; it must lie inside ``folder``."""
+    path = Path(path)
+    if not path.is_absolute() and (os.path.lexists(folder / path) or not os.path.lexists(path)):
+        path = folder / path
+    path = Path(os.path.abspath(path))
+    if not path.is_relative_to(os.path.abspath(folder)):
+        raise ValueError(f"--choose {path}: not inside the submissions folder {folder}")
+    return path
+
+
+def discover(folder: str | Path, chapters: Iterable[str] | None = None, choose: Iterable[str | Path] = ()
              ) -> tuple[list[Submission], list[str]]:
     """The submissions in ``folder`` (one per student and chapter, missing ones included, sorted
     by student then chapter) and notes about every entry that was not graded or was graded with a
     caveat. Links are not followed; odd entries (FIFOs, zip files, folders named like notebooks,
     notebooks of no chapter) are noted, never fatal. A student's folder whose notebooks are named
     for several students (``alice_01_....ipynb``, ``bob_01_....ipynb``) is a section folder: each
-    name is graded as its own student. Several notebooks for one chapter: the newest is graded."""
+    name is graded as its own student. Several notebooks for one chapter: the newest is graded,
+    unless ``choose`` names one of them (a path inside ``folder``, relative to it or not)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"no submissions folder at {folder}")
+    chosen = {_inside(folder, c) for c in choose}
     found: dict[tuple[str, str], list[Path]] = {}
     students: set[str] = set()
     notes: list[str] = []
@@ -208,14 +222,25 @@ def discover(folder: str | Path, chapters: Iterable[str] | None = None
         unknown = [ch for ch in wanted if ch not in CHAPTERS]
         if unknown:
             raise ValueError(f"unknown chapter(s) {', '.join(unknown)}; expected some of {', '.join(CHAPTERS)}")
+    unknown = chosen - {Path(os.path.abspath(p)) for (_, ch), paths in found.items() if ch in wanted for p in paths}
+    if unknown:
+        raise ValueError(f"--choose {', '.join(sorted(shown(p) for p in unknown))}: not a "
+                         f"notebook that was found for a chapter being graded; expected a path under {folder} "
+                         "such as one named in a note about several notebooks for one chapter")
     subs = []
     for student in sorted(students):
         for chapter in wanted:
             paths = found.get((student, chapter), [])
-            # several notebooks for one chapter: the newest (then the one named exactly after the chapter)
-            paths = sorted(paths, key=lambda p: (-p.stat().st_mtime_ns, p.stem.lower() != chapter, str(p)))
+            # several notebooks for one chapter: the chosen one, else the newest (then the one named
+            # exactly after the chapter)
+            picked = [p for p in paths if Path(os.path.abspath(p)) in chosen]
+            if len(picked) > 1:
+                raise ValueError(f"--choose names {len(picked)} notebooks for {student}, {chapter}; expected one")
+            paths = sorted(paths, key=lambda p: (p not in picked, -p.stat().st_mtime_ns,
+                                                 p.stem.lower() != chapter, str(p)))
             if len(paths) > 1:
-                notes.append(f"{student}, {chapter}: {len(paths)} notebooks; graded the newest, {shown(paths[0])}; "
+                which = "the chosen one" if picked else "the newest"
+                notes.append(f"{student}, {chapter}: {len(paths)} notebooks; graded {which}, {shown(paths[0])}; "
                              f"not graded: {', '.join(shown(p) for p in paths[1:])}")
             subs.append(Submission(student, chapter, paths[0] if paths else None, tuple(paths[1:])))
     return subs, notes
@@ -373,6 +398,7 @@ def write_results(grades: list[StudentGrade], out: str | Path, notes: Iterable[s
     (out / "feedback").mkdir(parents=True, exist_ok=True)
     book = out / "gradebook.csv"
     used: set[str] = set()
+    index, renamed = [["student", "feedback"]], []
     for g in grades:
         name = base = _UNSAFE.sub("_", g.student).strip("._") or "student"
         k = 1
@@ -381,7 +407,16 @@ def write_results(grades: list[StudentGrade], out: str | Path, notes: Iterable[s
             name = f"{base}-{k}"
         used.add(name)
         _atomic_write(out / "feedback" / f"{name}.md", feedback_markdown(g))
+        index.append([_cell(g.student), f"feedback/{name}.md"])
+        if name != g.student:
+            renamed.append(f"  {g.student!r} -> feedback/{name}.md")
+    table = io.StringIO()
+    csv.writer(table, lineterminator="\n").writerows(index)
+    _atomic_write(out / "feedback" / "index.csv", table.getvalue())
     notes, report = list(notes), list(report)
+    if renamed:
+        report += ["feedback files named differently from their student (the full list: feedback/index.csv):",
+                   *renamed]
     if notes:
         _atomic_write(out / "unattributed.txt", "\n".join(notes) + "\n")
     if report:

@@ -17,7 +17,8 @@ from torch import Tensor
 
 from .remote import gradients
 
-__all__ = ["CheckResult", "Mismatch", "compare", "call_student", "run_check", "describe_where", "gradients"]
+__all__ = ["CheckResult", "Mismatch", "compare", "call_student", "run_check", "describe_where", "gradients",
+           "tolerances_for", "student_dtype", "matches"]
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,47 @@ def _close(a: Tensor, b: Tensor, rtol: float, atol: float) -> bool:
     return a.shape == b.shape and bool(torch.allclose(a, b, rtol=rtol, atol=atol))
 
 
+# How many units of the student's floating-point precision a correct answer may be off by: a few
+# dozen roundings of an O(1) computation, the error a float32 implementation of any exercise makes.
+_ROUNDINGS = 64
+
+
+def student_dtype(name: str, got: Tensor, where: str = "") -> torch.dtype:
+    """The floating-point type the student computed in; half precision is refused with a message,
+    because no tolerance both accepts its rounding and rejects a planted mistake."""
+    if got.dtype in (torch.float64, torch.float32):
+        return got.dtype
+    if got.is_floating_point() or got.is_complex():
+        raise Mismatch(f"{name} returned {str(got.dtype).replace('torch.', '')} values {where}; compute in "
+                       f"float32 or float64 (the inputs are float64)")
+    return torch.float64  # integer outputs are compared exactly after conversion
+
+
+def tolerances_for(dtype: torch.dtype, expected: Tensor, rtol: float, atol: float) -> tuple[float, float]:
+    """``(rtol, atol)`` widened to the precision of ``dtype`` when it is coarser than ``expected``'s:
+    a correct float32 answer passes for every seed, whatever float64 tolerance the check asked for.
+    The absolute part scales with the size of the values (at least 1: intermediate terms of an O(1)
+    computation can cancel to a small result)."""
+    eps, ref_eps = torch.finfo(dtype).eps, torch.finfo(expected.dtype).eps
+    if eps <= ref_eps:
+        return rtol, atol
+    scale = max(1.0, float(expected.detach().abs().max())) if expected.numel() else 1.0
+    return max(rtol, _ROUNDINGS * eps), max(atol, _ROUNDINGS * eps * scale)
+
+
+def matches(got, expected: Tensor, *, rtol: float, atol: float, dtype: torch.dtype | None = None) -> bool:
+    """Whether ``got`` (a tensor in float32 or float64, e.g. a gradient) equals ``expected`` to the
+    tolerances, widened by :func:`tolerances_for` to the precision the student computed in: ``dtype``
+    where given (a gradient with respect to a float64 input of a float32 computation is float64 but
+    only float32-accurate: pass the dtype of the student's output), else ``got``'s; anything else is
+    no match."""
+    if not isinstance(got, Tensor) or got.dtype not in (torch.float32, torch.float64):
+        return False
+    worst = dtype if dtype in (torch.float32, torch.float64) else torch.float64
+    rtol, atol = tolerances_for(min(got.dtype, worst, key=lambda d: torch.finfo(d).bits), expected, rtol, atol)
+    return _close(got.detach().to(expected.dtype), expected, rtol, atol)
+
+
 def compare(
     name: str,
     got,
@@ -98,6 +140,7 @@ def compare(
                        f"of shape {shape}")
     if tuple(got.shape) != shape:
         raise Mismatch(f"{name} returned shape {tuple(got.shape)} {where}; expected {shape}")
+    rtol, atol = tolerances_for(student_dtype(name, got, where), expected, rtol, atol)
     got = got.detach().to(expected.dtype)
     if not torch.isfinite(got).all():
         raise Mismatch(f"{name} returned NaN or inf values {where}")
@@ -116,7 +159,8 @@ def compare(
     mask = expected.abs() > 1e-8
     if mask.any():
         ratio = got[mask] / expected[mask]
-        if torch.allclose(ratio, ratio.mean().expand_as(ratio), rtol=1e-3, atol=1e-6):
+        if abs(ratio.mean().item() - 1) > 1e-3 and torch.allclose(ratio, ratio.mean().expand_as(ratio),
+                                                                  rtol=1e-3, atol=1e-6):
             raise Mismatch(f"{name} {where} is off by a constant factor {ratio.mean().item():.4g}; {size}")
     raise Mismatch(f"{name} {where}: {size}")
 
