@@ -164,11 +164,15 @@ class CausalDenoiser(nn.Module):
         return self.out(self.transformer(h, cond, causal=True))
 
 
-def _noise_levels(b: int, n: int, mode: str, generator, dtype, device) -> tuple[Tensor, Tensor]:
+def _noise_levels(b: int, n: int, mode: str, generator, dtype, device, monotone_share: float = 0.0
+                  ) -> tuple[Tensor, Tensor]:
     """Per-token times ``(B, T)`` and which tokens the loss counts, for a training ``mode``."""
     if mode == "independent":  # Diffusion Forcing: every token its own level
-        return torch.rand(b, n, generator=generator, dtype=dtype).to(device), torch.ones(b, n, dtype=torch.bool,
-                                                                                          device=device)
+        t = torch.rand(b, n, generator=generator, dtype=dtype)
+        if monotone_share > 0:  # some sequences get the same levels sorted: near tokens cleaner, as in sampling
+            sort = torch.rand(b, 1, generator=generator) < monotone_share
+            t = torch.where(sort, t.sort(dim=1).values, t)
+        return t.to(device), torch.ones(b, n, dtype=torch.bool, device=device)
     if mode == "full_sequence":  # one level per sequence: a plain sequence diffusion model
         t = torch.rand(b, 1, generator=generator, dtype=dtype).expand(b, n)
         return t.to(device), torch.ones(b, n, dtype=torch.bool, device=device)
@@ -182,14 +186,21 @@ def _noise_levels(b: int, n: int, mode: str, generator, dtype, device) -> tuple[
 
 
 def diffusion_forcing_loss(model: Callable, x0: Tensor, path: GaussianPath, *, mode: str = "independent",
-                           generator: torch.Generator | None = None) -> Tensor:
+                           monotone_share: float = 0.0, generator: torch.Generator | None = None) -> Tensor:
     """The flow-matching loss of a sequence model on clean sequences ``x0`` ``(B, T, D)`` with
     per-token noise levels drawn by ``mode``: ``"independent"`` (Diffusion Forcing),
     ``"full_sequence"`` (one level for the whole sequence) or ``"teacher_forcing"`` (the past
-    clean, one token noisy, the future pure noise; only that token counts)."""
+    clean, one token noisy, the future pure noise; only that token counts).
+
+    ``monotone_share`` (independent mode): the share of sequences whose independent levels are
+    sorted to rise along the sequence. With T independent uniform levels a clean past behind a
+    noisy token, the pattern that every rollout samples with, has probability ~ 1 / T!; sorting
+    some sequences shows the model such patterns without giving up any other."""
     check_batch(x0, ndim=3, name="x0")
+    if not 0.0 <= monotone_share <= 1.0:
+        raise ValueError(f"expected monotone_share in [0, 1]; got {monotone_share}")
     b, n, d = x0.shape
-    t, counted = _noise_levels(b, n, mode, generator, x0.dtype, x0.device)
+    t, counted = _noise_levels(b, n, mode, generator, x0.dtype, x0.device, monotone_share)
     eps = gaussian_like(x0, generator)
     flat_x0, flat_eps, flat_t = x0.reshape(b * n, d), eps.reshape(b * n, d), t.reshape(b * n)
     x_t = path.sample(flat_x0, flat_t, eps=flat_eps).x_t.reshape(b, n, d)

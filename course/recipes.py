@@ -5,7 +5,9 @@ Importing it registers every chapter's recipe kinds and recipes:
   ``mnist_cfm_unet``, and the sampling and metrics every generator's recipe shares;
 - ``course.distillation_recipes`` (chapter 07): the progressive-distillation ladder and the one-
   and few-step students;
-- ``course.latent_recipes`` (chapter 08): the autoencoders and latent models.
+- ``course.latent_recipes`` (chapter 08): the autoencoders and latent models;
+- ``course.autoregressive_recipes`` (chapter 12): MAR on the latent space, Diffusion Forcing and
+  its teacher-forcing baseline on the pendulum.
 
 The machinery (``Recipe``, ``RecipeKind``, ``run_recipe``, checkpoints and the manifest) lives in
 ``course.recipe_registry``; everything is re-exported here.
@@ -13,7 +15,7 @@ The machinery (``Recipe``, ``RecipeKind``, ``run_recipe``, checkpoints and the m
 
 from __future__ import annotations
 
-from . import distillation_recipes, latent_recipes  # noqa: F401  (they register their kinds and recipes)
+from . import autoregressive_recipes, distillation_recipes, latent_recipes  # noqa: F401  (they register their kinds and recipes)
 from .image_recipes import PATH, eval_labels, random_shift, sample_classes, sample_metrics
 from .recipe_registry import (
     DATASETS,

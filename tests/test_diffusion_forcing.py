@@ -176,3 +176,13 @@ def test_guidance_pulls_the_new_tokens_toward_the_goal():
 def test_bad_input_names_what_was_expected(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_a_monotone_share_sorts_that_share_of_the_sequences_and_keeps_the_levels_uniform():
+    t, _ = _noise_levels(4000, 6, "independent", torch.Generator().manual_seed(3), torch.float64, "cpu",
+                         monotone_share=0.5)
+    rising = (t[:, 1:] >= t[:, :-1]).all(1)
+    assert abs(rising.double().mean().item() - (0.5 + 0.5 / 720)) < 0.03  # 1/6! of unsorted rows rise by chance
+    assert abs(t.mean().item() - 0.5) < 0.01 and abs((t < 0.1).double().mean().item() - 0.1) < 0.01
+    with pytest.raises(ValueError, match="monotone_share in"):
+        diffusion_forcing_loss(_model(), torch.zeros(2, 5, 2), PATH, monotone_share=1.5)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from . import ch01, ch02, ch03, ch04, ch05, ch06, ch07, ch08
+from . import ch01, ch02, ch03, ch04, ch05, ch06, ch07, ch08, ch12
 from .provenance import reference_use
 from .verdict import CheckResult
 
@@ -91,6 +91,13 @@ CHAPTERS: dict[str, tuple[Exercise, ...]] = {
         Exercise("8.4", "your own autoencoder, measured on held-out digits", ("encode", "decode"),
                  ch08.check_own_autoencoder),
     ),
+    "12_autoregressive_diffusion": (
+        Exercise("12.1", "the diffusion loss of a token given z", ("diffusion_loss",), ch12.check_diffusion_loss),
+        Exercise("12.2", "which tokens a MAR step reveals", ("reveal_next",), ch12.check_reveal_next),
+        Exercise("12.3", "the pyramid scheduling matrix", ("pyramid_matrix",), ch12.check_pyramid_matrix),
+        Exercise("12.4", "one Diffusion Forcing step with a noise level per token", ("df_step",),
+                 ch12.check_df_step),
+    ),
 }
 
 
@@ -119,6 +126,8 @@ REFERENCES: dict[str, tuple[str, ...]] = {
     "8.3": ("course.cascade",),
     "8.4": ("course.autoencoder", "course.latent", "course.pretrained", "course.recipe_registry", "course.recipes",
             "course.latent_recipes", "course.training"),
+    "12.1": ("course.autoregressive", "course.flow_matching"), "12.2": ("course.autoregressive",),
+    "12.3": ("course.diffusion_forcing",), "12.4": ("course.diffusion_forcing", "course.autoregressive"),
 }
 
 
