@@ -47,16 +47,20 @@ def test_the_course_functions_are_not_answers():
 def _loss(kind):
     def diffusion_loss(head, tokens, z, eps, t):
         r = eps.shape[0] // tokens.shape[0]
+        if kind == "first":
+            eps, t, r = eps[:tokens.shape[0]], t[:tokens.shape[0]], 1
         rep = (lambda a: a.repeat_interleave(r, 0)) if kind == "interleave" else (lambda a: a.repeat(r, 1))
         x0, zz = rep(tokens), rep(z)
+        if kind == "z-interleave":
+            zz = z.repeat_interleave(r, 0)
         tt = t[:, None]
         x_t = tt * x0 + (1 - tt) * eps if kind == "swap" else (1 - tt) * x0 + tt * eps
-        target = x0 - eps if kind == "sign" else eps - x0
+        target = {"sign": x0 - eps, "eps": eps}.get(kind, eps - x0)
         out = head(x_t, t, zz)
         if kind == "detach":
             out = out.detach()
         err = (out - target).pow(2)
-        return err.sum(1).mean() if kind == "sum" else err.mean()
+        return {"sum": err.sum(1).mean(), "total": err.sum()}.get(kind, err.mean())
     return diffusion_loss
 
 
@@ -65,6 +69,10 @@ def _loss(kind):
     ("sign", ["target x - eps"]),
     ("swap", ["swaps the path's ends"]),
     ("sum", ["sums over each token's entries"]),
+    ("total", ["sums over every draw and entry"]),
+    ("z-interleave", ["pairs the tokens and their z differently"]),
+    ("eps", ["onto eps (eps-prediction)"]),
+    ("first", ["only the first draw"]),
     ("detach", ["no gradient path"]),
 ])
 def test_diffusion_loss_mistakes_are_named(kind, words):
@@ -112,8 +120,8 @@ def _pyramid(kind):
         rows = steps + horizon + (1 if kind == "rows" else 0)
         m, i = torch.arange(rows)[:, None], torch.arange(horizon)[None, :]
         k = steps + ((horizon - 1 - i) if kind == "reverse" else i) - m
-        k = k if kind == "noclip" else k.clamp(0, steps)
-        return k.float() if kind == "float" else k
+        k = {"noclip": k, "low": k.clamp_min(0)}.get(kind, k.clamp(0, steps))
+        return {"float": k.float(), "int32": k.int()}.get(kind, k)
     return pyramid_matrix
 
 
@@ -122,6 +130,8 @@ def _pyramid(kind):
     ("reverse", ["near tokens noisier"]),
     ("noclip", ["does not clip"]),
     ("float", ["noise levels are integers"]),
+    ("int32", ["returned int32", "int64"]),
+    ("low", ["rise above steps"]),
 ])
 def test_pyramid_matrix_mistakes_are_named(kind, words):
     _assert_clean_failure(check("12.3", _pyramid(kind), seed=0), *words)
@@ -136,6 +146,13 @@ def _step(kind):
             s = s.max(dim=1, keepdim=True).values.expand_as(s)
         if kind == "levels":
             return x + (k_next - k_now).to(x.dtype)[..., None] * model(x, k_now.to(x.dtype))
+        if kind == "one-level":
+            s = torch.where(k_next < k_now, t - 1.0 / steps, t)
+        if kind == "alone":
+            v = torch.cat([model(x[:, i:i + 1], t[:, i:i + 1]) for i in range(x.shape[1])], dim=1)
+            return x + (s - t)[..., None] * v
+        if kind == "moves-all":
+            return x + (-1.0 / steps) * model(x, t)
         v = model(x, s if kind == "next" else t)
         return x + ((t - s) if kind == "backwards" else (s - t))[..., None] * v
     return df_step
@@ -146,6 +163,9 @@ def _step(kind):
     ("next", ["at the next levels"]),
     ("backwards", ["steps away from the data"]),
     ("levels", ["time in [0, 1]", "divided by the number of steps"]),
+    ("one-level", ["whatever k_next says"]),
+    ("alone", ["needs the whole window"]),
+    ("moves-all", ["changes tokens whose level does not change"]),
 ])
 def test_df_step_mistakes_are_named(kind, words):
     _assert_clean_failure(check("12.4", _step(kind), seed=0), *words)
