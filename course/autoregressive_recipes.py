@@ -38,15 +38,13 @@ from .diffusion_forcing import (
     simulate_pendulum,
 )
 from .image_recipes import PATH, drop_labels, eval_labels, sample_metrics
-from .latent import latent_moments, sample_latents
-from .latent_recipes import _build_ae
+from .latent import sample_latents
+from .latent_recipes import _build_ae, _latent_dataset, _latent_parts, _prepare_latent
 from .recipe_registry import (
     DATASETS,
-    RECIPES,
     Recipe,
     RecipeKind,
     get_recipe,
-    load,
     register_kind,
     register_recipe,
 )
@@ -97,28 +95,11 @@ class LatentMAR(nn.Module):
 
 
 def _build_mar(recipe: Recipe) -> nn.Module:
-    ae_name = recipe.option("autoencoder")
-    if ae_name not in RECIPES or RECIPES[ae_name].kind != "autoencoder":
-        raise ValueError(f"recipe {recipe.name!r} names {ae_name!r} as its autoencoder; expected a recipe of kind "
-                         "'autoencoder'")
-    ae = _build_ae(get_recipe(ae_name))
+    _, ae = _latent_parts(recipe)
     c, h, w = ae.latent_shape
     mar = MAR(h * w, c, dim=int(recipe.option("dim")), depth=int(recipe.option("depth")), heads=4, num_classes=10,
               order=recipe.option("order"), head_hidden=int(recipe.option("head_hidden")), head_depth=3)
     return LatentMAR(ae, mar)
-
-
-def _prepare_mar(recipe, model, folder, fast) -> dict:
-    trained = load(recipe.option("autoencoder"), folder=folder, allow_fast=fast)
-    model.autoencoder.load_state_dict(trained.state_dict())
-    return {"autoencoder": model.autoencoder}
-
-
-def _mar_dataset(recipe, images, labels, context) -> tuple:
-    start = time.perf_counter()
-    moments = latent_moments(context["autoencoder"], images)
-    context["encode_seconds"] = time.perf_counter() - start
-    return moments, labels
 
 
 def _mar_loss(recipe, model, context):
@@ -257,8 +238,8 @@ def _df_metrics(recipe, model, held_out, fast, classifier, context) -> dict:
 
 
 DATASETS["pendulum"] = pendulum_data
-register_kind("mar", RecipeKind(_build_mar, _mar_loss, _mar_metrics, _prepare_mar, needs_classifier=True,
-                                dataset=_mar_dataset))
+register_kind("mar", RecipeKind(_build_mar, _mar_loss, _mar_metrics, _prepare_latent, needs_classifier=True,
+                                dataset=_latent_dataset))
 register_kind("diffusion_forcing", RecipeKind(_build_df, _df_loss, _df_metrics, dataset=_df_dataset))
 _MAR_OPTIONS = (("autoencoder", "mnist_autoencoder"), ("dim", 96), ("depth", 4), ("head_hidden", 128),
                 ("repeats", 2), ("ar_steps", 16), ("temperature", 1.0), ("head_steps", 20))
