@@ -251,8 +251,9 @@ def test_unreadable_files_are_invalid_notebooks_that_say_why(tmp_path, content, 
     assert report.status == "invalid notebook" and report.score == 0 and why in report.notes[0], report.notes
 
 
-def test_attacks_on_classmates_and_the_grader_change_nothing_under_bwrap(tmp_path):
-    """Under bubblewrap, with two notebooks at a time: killing what it can see, its parent, a
+@pytest.mark.parametrize("kind", ["bwrap", "unshare"])
+def test_attacks_on_classmates_and_the_grader_change_nothing_in_the_sandbox(tmp_path, kind):
+    """Under bubblewrap or unshare, with two notebooks at a time: killing what it can see, its parent, a
     detached process that rewrites the gradebook after the grader exits, editing, deleting and
     listing classmates' notebooks by absolute path; everyone keeps their grade."""
     import os
@@ -261,8 +262,8 @@ def test_attacks_on_classmates_and_the_grader_change_nothing_under_bwrap(tmp_pat
     from course.exercises import isolation
     from tests.grading_corpus import isolation_attacks, submissions
 
-    if not isolation.works("bwrap"):
-        pytest.skip("bubblewrap is not installed or not allowed here (CI installs it)")
+    if not isolation.works(kind):
+        pytest.skip(f"isolation {kind!r} does not work here (CI installs bubblewrap; unshare needs user namespaces)")
     subs, out = tmp_path / "submissions", tmp_path / "grades"
     attacks = isolation_attacks(subs, out)
     everyone = {"correct": submissions()["correct"], "drift_wrong_sign": submissions()["drift_wrong_sign"], **attacks}
@@ -270,7 +271,7 @@ def test_attacks_on_classmates_and_the_grader_change_nothing_under_bwrap(tmp_pat
         (subs / student).mkdir(parents=True)
         (subs / student / f"{CHAPTER}.ipynb").write_text(nbformat.writes(nb))
     before = {p: p.read_bytes() for p in subs.rglob("*") if p.is_file()}
-    args = ["grade", str(subs), "--out", str(out), "--jobs", "2", "--isolation", "bwrap",
+    args = ["grade", str(subs), "--out", str(out), "--jobs", "2", "--isolation", kind,
             "--timeout", str(LIMITS["notebook_timeout"]), "--cell-timeout", str(LIMITS["cell_timeout"]),
             "--check-timeout", str(LIMITS["check_timeout"]), "--memory-mb", str(LIMITS["memory_mb"])]
     assert main(args) == 0
@@ -281,7 +282,7 @@ def test_attacks_on_classmates_and_the_grader_change_nothing_under_bwrap(tmp_pat
         want = ("2", "graded") if student == "drift_wrong_sign" else ("3", "graded")
         assert (rows[student]["total"], rows[student]["status"]) == want, (student, rows[student])
     assert {p: p.read_bytes() for p in subs.rglob("*") if p.is_file()} == before
-    assert (out / "grading.txt").read_text().startswith("isolation: bwrap")
+    assert (out / "grading.txt").read_text().startswith(f"isolation: {kind}")
     assert "AssertionError" not in (out / "feedback" / "reads_the_submissions.md").read_text()  # saw nothing
     leftovers = subprocess.run(["pgrep", "-f", "time.sleep(4)"], capture_output=True, text=True).stdout.split()
     assert [p for p in leftovers if int(p) != os.getpid()] == []

@@ -18,10 +18,15 @@ import pytest
 
 from course.exercises import isolation, remote
 from course.exercises.remote import RemoteFunction
-from course.exercises.runner import SOURCE_ROOT, Limits, student_process
+from course.exercises.runner import SOURCE_ROOT, Limits, check_notebook, student_process
 
 PROBE = '''
-import os, socket, subprocess, sys
+import ctypes, os, socket, subprocess, sys
+
+libc = ctypes.CDLL(None, use_errno=True)
+
+def syscall(f):
+    return "ok" if f() == 0 else os.strerror(ctypes.get_errno())
 
 def attempt(f):
     try:
@@ -38,6 +43,12 @@ def probe(installed, hidden, grader_pid, port, marker):
         "network": attempt(lambda: socket.create_connection(("127.0.0.1", port), timeout=2).close()),
         "environment": os.environ.get("COURSE_TEST_SECRET", "absent"),
         "write_scratch": attempt(lambda: open("mine.txt", "w").write("x")),
+        "uid": os.getuid(),
+        # undo the sandbox: unmount the mask over the hidden folder, remount / writable
+        "unmask": syscall(lambda: libc.umount2(hidden.encode(), 2)),
+        "remount": syscall(lambda: libc.mount(None, b"/", None, 32 | 4096, None)),
+        "list_hidden_after": attempt(lambda: sorted(os.listdir(hidden))),
+        "write_install_after": attempt(lambda: open(installed, "a").write("patched")),
     }
     subprocess.Popen([sys.executable, "-c", f"import time; time.sleep(300)  # {marker}"], start_new_session=True,
                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -60,6 +71,8 @@ def targets(monkeypatch):
     """An 'installed' file and a hidden folder inside the course's source tree (outside /tmp, like
     an install and a submissions folder), a classmate's scratch folder, a listening socket."""
     monkeypatch.setenv("COURSE_TEST_SECRET", "the grader's token")
+    # a grader started from the temporary folder has it on sys.path: it must stay masked all the same
+    monkeypatch.syspath_prepend(tempfile.gettempdir())
     tag = uuid.uuid4().hex[:8]
     installed = SOURCE_ROOT / f".isolation-probe-{tag}.py"
     installed.write_text("REFERENCE = 1\n")
@@ -97,32 +110,27 @@ def _probe(tmp_path, kind, targets):
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="the OS sandboxes are Linux namespaces")
-def test_bwrap_sandbox_confines_the_student_process(tmp_path, targets):
-    _skip_unless("bwrap")
-    out, marker, installed = _probe(tmp_path, "bwrap", targets)
+@pytest.mark.parametrize("kind", ["bwrap", "unshare"])
+def test_sandbox_confines_the_student_process(tmp_path, targets, kind):
+    _skip_unless(kind)
+    out, marker, installed = _probe(tmp_path, kind, targets)
     assert out["write_install"] == "OSError", out  # read-only file system
-    assert installed.read_text() == "REFERENCE = 1\n"
     assert out["list_hidden"] == "ok: []", out
     tmp = eval(out["list_tmp"][4:])  # noqa: S307 - a list of names written by repr in the probe
     # its own scratch folder, and (when the course or Python lives under /tmp) their read-only mount points
     sandboxes = [name for name in tmp if name.startswith("course-sandbox-")]
     assert len(sandboxes) == 1 and "classmate" not in sandboxes[0], out
-    exposed = {p.relative_to("/tmp").parts[0] for p in isolation._exposed() if p.is_relative_to("/tmp")}
+    exposed = {p.relative_to("/tmp").parts[0] for p in isolation._exposed() if p.is_relative_to("/tmp") and p != Path("/tmp")}
     assert set(tmp) - set(sandboxes) <= exposed, out
     assert out["signal_grader"] == "ProcessLookupError", out
     assert not out["network"].startswith("ok"), out
     assert out["environment"] == "absent"
     assert out["write_scratch"] == "ok: 1", out
-    assert not _alive(marker), "a detached process outlived the sandbox"
-
-
-@pytest.mark.skipif(sys.platform != "linux", reason="the OS sandboxes are Linux namespaces")
-def test_unshare_sandbox_hides_processes_and_network(tmp_path, targets):
-    _skip_unless("unshare")
-    out, marker, _ = _probe(tmp_path, "unshare", targets)
-    assert out["signal_grader"] == "ProcessLookupError", out
-    assert not out["network"].startswith("ok"), out
-    assert out["environment"] == "absent"
+    assert out["uid"] == os.getuid(), out  # the grader's uid, not a mapped root
+    # no capabilities over the mounts: the masks and the read-only root cannot be undone
+    assert out["unmask"] != "ok" and out["remount"] != "ok", {k: out[k] for k in ("unmask", "remount", "list_hidden_after", "write_install_after")}
+    assert out["list_hidden_after"] == "ok: []" and out["write_install_after"] == "OSError", out
+    assert installed.read_text() == "REFERENCE = 1\n"
     assert not _alive(marker), "a detached process outlived the sandbox"
 
 
@@ -130,7 +138,7 @@ def test_without_isolation_the_environment_is_still_scrubbed(tmp_path, targets):
     out, marker, installed = _probe(tmp_path, "none", targets)
     subprocess.run(["pkill", "-f", marker])  # no PID namespace: the detached process is ours to stop
     assert out["environment"] == "absent" and out["write_scratch"] == "ok: 1"
-    assert installed.read_text() == "REFERENCE = 1\npatched"  # what bwrap prevents
+    assert installed.read_text() == "REFERENCE = 1\npatchedpatched"  # both writes: what the sandboxes prevent
 
 
 def test_isolation_names_are_checked():
@@ -141,3 +149,18 @@ def test_isolation_names_are_checked():
     assert isolation.resolve("none") == "none"
     assert isolation.resolve("auto") in ("bwrap", "unshare", "none")
     assert "NOT ISOLATED" in isolation.describe("none")
+
+
+@pytest.mark.parametrize("kind", ["bwrap", "unshare", "none"])
+def test_a_signal_that_ends_the_notebook_is_named_in_every_mode(tmp_path, kind):
+    """The sandboxes' init reports a signal as 128 + its number; the report names the signal, as
+    it does without a sandbox."""
+    if kind != "none":
+        _skip_unless(kind)
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("import os, signal\nos.kill(os.getpid(), signal.SIGTERM)")]
+    path = tmp_path / "01_forward_sdes.ipynb"
+    path.write_text(nbformat.writes(nb))
+    report = check_notebook(path, limits=Limits(isolation=kind))
+    assert report.status == "crashed", report
+    assert any("killed by SIGTERM" in note for note in report.notes), report.notes

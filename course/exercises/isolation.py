@@ -9,9 +9,11 @@ util-linux's ``unshare``.
   folders, the student's scratch folder the only writable place; its own PID namespace (it
   cannot see or signal the grader or classmates, and every process it starts dies with it), no
   network, its own IPC and host name, the grader's environment already scrubbed by the runner.
-- ``unshare`` (util-linux, unprivileged user namespaces): its own PID, network, IPC and host-name
-  namespaces, but the file system stays as the grader sees it (no read-only install, no hidden
-  folders); a fallback where bubblewrap is missing.
+- ``unshare`` (util-linux, unprivileged user namespaces): the same confinement built by hand where
+  bubblewrap is missing. ``unshare`` gives the PID, network, IPC, host-name and mount namespaces;
+  :mod:`course.exercises.confine` then makes every mount read-only, masks ``/tmp``, the home and
+  the hidden folders, binds back the interpreter, the course and the scratch folder, and drops its
+  capabilities (a nested user namespace) before it executes the student command.
 - ``none``: a process of the grader's user like any other (macOS, Windows, containers that
   forbid namespaces); the grader says loudly that it is not isolated.
 - ``auto`` (the default): the first of bwrap, unshare, none that works here (each is tried once
@@ -21,10 +23,12 @@ util-linux's ``unshare``.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -32,9 +36,9 @@ __all__ = ["ISOLATIONS", "resolve", "wrap", "describe", "works"]
 
 ISOLATIONS = ("auto", "bwrap", "unshare", "none")
 
-_BWRAP_BASE = ["--die-with-parent", "--unshare-all", "--dev", "/dev", "--proc", "/proc"]
-_UNSHARE_BASE = ["--user", "--map-root-user", "--pid", "--fork", "--kill-child", "--mount-proc", "--net", "--ipc",
-                 "--uts"]
+_BWRAP_BASE = ["--die-with-parent", "--unshare-all", "--cap-drop", "ALL", "--dev", "/dev", "--proc", "/proc"]
+_UNSHARE_BASE = ["--user", "--map-root-user", "--mount", "--pid", "--fork", "--kill-child", "--mount-proc", "--net",
+                 "--ipc", "--uts"]
 
 
 @functools.cache
@@ -47,12 +51,14 @@ def works(kind: str) -> bool:
     exe = shutil.which("bwrap" if kind == "bwrap" else "unshare")
     if exe is None:
         return False
-    probe = [exe, "--ro-bind", "/", "/", *_BWRAP_BASE, "true"] if kind == "bwrap" else [exe, *_UNSHARE_BASE, "true"]
-    try:
-        return subprocess.run(probe, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              timeout=20).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
+    true = shutil.which("true") or "/bin/true"
+    with tempfile.TemporaryDirectory(prefix="course-sandbox-probe-") as scratch:
+        (Path(scratch) / "work").mkdir()
+        try:
+            return subprocess.run(wrap(kind, [true], scratch=Path(scratch)), stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=20).returncode == 0
+        except (OSError, subprocess.TimeoutExpired):
+            return False
 
 
 def resolve(requested: str) -> str:
@@ -74,7 +80,8 @@ def describe(kind: str) -> str:
     return {
         "bwrap": "bwrap: read-only file system, only the scratch folder writable, submissions and output hidden, "
                  "own PID namespace, no network",
-        "unshare": "unshare: own PID namespace, no network; the file system is NOT protected (install bubblewrap)",
+        "unshare": "unshare: read-only file system, only the scratch folder writable, submissions and output hidden, "
+                   "own PID namespace, no network, no capabilities",
         "none": "none: NOT ISOLATED - student code runs with your rights and sees your files and processes; use "
                 "bubblewrap or a container for untrusted submissions",
     }[kind]
@@ -89,28 +96,39 @@ def _exposed() -> list[Path]:
     return sorted(p.resolve() for p in paths if p.exists())
 
 
+def _masked(hide: Iterable[Path]) -> list[Path]:
+    """``/tmp``, the grader's home and ``hide``: the folders replaced by empty ones, outermost first."""
+    masked = [Path("/tmp"), *(Path(p) for p in hide)]
+    home = os.environ.get("HOME")
+    if home and Path(home).resolve() != Path("/"):
+        masked.append(Path(home))
+    return sorted({p.resolve() for p in masked if p.exists()}, key=lambda p: len(p.parts))
+
+
 def wrap(kind: str, cmd: list[str], *, scratch: Path, hide: Iterable[Path] = ()) -> list[str]:
     """``cmd`` run under isolation ``kind`` with ``scratch`` its only writable folder and the folders
     ``hide`` (with ``/tmp`` and the grader's home) replaced by empty ones."""
     if kind == "none":
         return list(cmd)
-    if kind == "unshare":
-        return [shutil.which("unshare") or "unshare", *_UNSHARE_BASE, "--", *cmd]
-    if kind != "bwrap":
+    if kind not in ("bwrap", "unshare"):
         raise ValueError(f"unknown isolation {kind!r}; expected bwrap, unshare or none")
+    masked, scratch = _masked(hide), scratch.resolve()
+    hidden = sorted({Path(h).resolve() for h in hide if Path(h).exists()})
+    # bound back only strictly inside a mask: a grader started from /tmp or its home has that folder
+    # on sys.path, and binding it back would undo the mask (classmates' scratch copies included)
+    exposed = [p for p in _exposed() if any(p.is_relative_to(m) and p != m for m in masked)
+               and not p.is_relative_to(scratch)]
+    if kind == "unshare":
+        spec = {"scratch": str(scratch), "masked": [str(p) for p in masked], "exposed": [str(p) for p in exposed],
+                "hidden": [str(p) for p in hidden], "uid": os.getuid(), "gid": os.getgid()}
+        return [shutil.which("unshare") or "unshare", *_UNSHARE_BASE, "--", sys.executable, "-I",
+                str(Path(__file__).with_name("confine.py")), json.dumps(spec), "--", *cmd]
     args = [shutil.which("bwrap") or "bwrap", "--ro-bind", "/", "/", *_BWRAP_BASE]
-    masked = [Path("/tmp"), *(Path(p) for p in hide)]
-    home = os.environ.get("HOME")
-    if home and Path(home).resolve() != Path("/"):
-        masked.append(Path(home))
-    masked = sorted({p.resolve() for p in masked if p.exists()}, key=lambda p: len(p.parts))
     for path in masked:
         args += ["--tmpfs", str(path)]
-    scratch = scratch.resolve()
-    for path in _exposed():  # the interpreter and the course, where a masked folder covered them
-        if any(path.is_relative_to(m) for m in masked) and not path.is_relative_to(scratch):
-            args += ["--ro-bind", str(path), str(path)]
-    for path in sorted({Path(h).resolve() for h in hide if Path(h).exists()}):  # hidden even inside those
+    for path in exposed:  # the interpreter and the course, where a masked folder covered them
+        args += ["--ro-bind", str(path), str(path)]
+    for path in hidden:  # hidden even inside those
         args += ["--tmpfs", str(path)]
     args += ["--bind", str(scratch), str(scratch), "--chdir", str(scratch / "work"), "--"]
     return args + list(cmd)

@@ -170,6 +170,8 @@ def _kill(proc: subprocess.Popen) -> None:
 
 
 def _why_it_ended(returncode: int, limits: Limits, stderr: str) -> str:
+    if 128 < returncode < 128 + 65 and resolve(limits.isolation) != "none":
+        returncode = 128 - returncode  # the sandbox's init reports a signal as 128 + its number
     if returncode < 0:
         sig = signal.Signals(-returncode).name if -returncode in signal.valid_signals() else str(-returncode)
         if sig == "SIGKILL":  # the memory cap makes allocations fail (MemoryError); it sends no signal
