@@ -1,6 +1,6 @@
 """The course's transformer blocks, shared by every sequence model of the later chapters: MAR's
-bidirectional transformer and Diffusion Forcing's causal one (chapter 12), and the text encoder
-and DiT of chapters 09-10.
+bidirectional transformer and Diffusion Forcing's causal one (chapter 12), the text encoder and
+the U-Net's cross-attention of chapter 09, and DiT in chapter 10.
 
 A block is pre-norm attention plus an MLP (Vaswani et al. 2017; the GPT-2 / ViT layout). With a
 conditioning vector it uses **adaLN-Zero** (Peebles & Xie 2023, DiT): the layer norms carry no
@@ -16,6 +16,10 @@ The condition is one vector per sequence ``(B, C)`` (a time or class embedding) 
 earlier positions only: the output at position i depends on inputs 0..i and on nothing later, bit
 for bit (tested).
 
+``key_mask`` (B, N), True for real tokens, keeps padding out of attention (the text encoder of
+chapter 09 pads captions to one length); :class:`CrossAttention` lets queries (image tokens) read
+a context of other tokens (the caption's), with the same padding mask on the context.
+
 Tokens of an image: :func:`patchify` cuts ``(B, C, H, W)`` into ``(B, N, C p^2)`` patches in
 raster order and :func:`unpatchify` puts them back (exact inverses).
 """
@@ -30,7 +34,7 @@ from torch import Tensor, nn
 
 from .utils import check_positive_int
 
-__all__ = ["Attention", "TransformerBlock", "Transformer", "sinusoidal_positions", "patchify", "unpatchify"]
+__all__ = ["Attention", "CrossAttention", "TransformerBlock", "Transformer", "sinusoidal_positions", "patchify", "unpatchify"]
 
 
 class Attention(nn.Module):
@@ -45,13 +49,55 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, *, causal: bool = False) -> Tensor:
+    def forward(self, x: Tensor, *, causal: bool = False, key_mask: Tensor | None = None) -> Tensor:
         b, n, d = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         mask = None
         if causal:  # an explicit boolean mask: True where attention is allowed (key <= query)
             mask = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
+        if key_mask is not None:  # padding: no query attends to a padded key
+            keys = _key_mask(key_mask, b, n)
+            mask = keys if mask is None else mask & keys
         h = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, heads, N, d / heads)
+        return self.out(h.transpose(1, 2).reshape(b, n, d))
+
+
+def _key_mask(mask: Tensor, batch: int, n: int) -> Tensor:
+    """A ``(B, N)`` boolean mask (True: a real token) as ``(B, 1, 1, N)`` for attention; every row
+    needs one real token (attention over no key at all is undefined)."""
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (batch, n):
+        got = f"{tuple(mask.shape)} {mask.dtype}" if isinstance(mask, Tensor) else type(mask).__name__
+        raise ValueError(f"expected a boolean mask of shape ({batch}, {n}) (True for real tokens); got {got}")
+    if not bool(mask.any(1).all()):
+        raise ValueError("expected at least one real token (mask True) in every sequence; got a row of padding only")
+    return mask[:, None, None, :]
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention from queries ``x`` (B, N, dim) to a context (B, L, context_dim), e.g.
+    image tokens reading text tokens (Stable Diffusion's conditioning), with a padding mask on the
+    context. Keys and values are projections of the context only, so padded context tokens change
+    nothing (tested)."""
+
+    def __init__(self, dim: int, context_dim: int, heads: int):
+        super().__init__()
+        dim, heads = check_positive_int(dim, "dim"), check_positive_int(heads, "heads")
+        if dim % heads:
+            raise ValueError(f"expected dim divisible by heads; got dim={dim}, heads={heads}")
+        self.heads, self.context_dim = heads, check_positive_int(context_dim, "context_dim")
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(context_dim, 2 * dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, context: Tensor, context_mask: Tensor | None = None) -> Tensor:
+        b, n, d = x.shape
+        if context.ndim != 3 or context.shape[0] != b or context.shape[2] != self.context_dim:
+            raise ValueError(f"expected a context of shape ({b}, L, {self.context_dim}); got {tuple(context.shape)}")
+        length, hd = context.shape[1], d // self.heads
+        q = self.q(x).reshape(b, n, self.heads, hd).transpose(1, 2)
+        k, v = self.kv(context).reshape(b, length, 2, self.heads, hd).permute(2, 0, 3, 1, 4)
+        mask = None if context_mask is None else _key_mask(context_mask, b, length)
+        h = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.out(h.transpose(1, 2).reshape(b, n, d))
 
 
@@ -72,11 +118,12 @@ class TransformerBlock(nn.Module):
             nn.init.zeros_(self.ada[1].weight)  # adaLN-Zero: shift = scale = gate = 0 at init
             nn.init.zeros_(self.ada[1].bias)
 
-    def forward(self, x: Tensor, cond: Tensor | None = None, *, causal: bool = False) -> Tensor:
+    def forward(self, x: Tensor, cond: Tensor | None = None, *, causal: bool = False,
+                key_mask: Tensor | None = None) -> Tensor:
         if self.ada is None:
             if cond is not None:
                 raise ValueError("this block has no conditioning (cond_dim=None); got cond")
-            x = x + self.attn(self.norm1(x), causal=causal)
+            x = x + self.attn(self.norm1(x), causal=causal, key_mask=key_mask)
             return x + self.mlp(self.norm2(x))
         if cond is None:
             raise ValueError("this block is conditioned (adaLN-Zero); expected cond of shape (B, C) or (B, N, C)")
@@ -84,7 +131,7 @@ class TransformerBlock(nn.Module):
         if mod.ndim == 2:  # one condition per sequence
             mod = mod[:, None, :]
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)
-        x = x + gate1 * self.attn(self.norm1(x) * (1 + scale1) + shift1, causal=causal)
+        x = x + gate1 * self.attn(self.norm1(x) * (1 + scale1) + shift1, causal=causal, key_mask=key_mask)
         return x + gate2 * self.mlp(self.norm2(x) * (1 + scale2) + shift2)
 
 
@@ -99,14 +146,18 @@ class Transformer(nn.Module):
                                     for _ in range(check_positive_int(depth, "depth")))
         self.norm = nn.LayerNorm(dim, eps=1e-6)
 
-    def forward(self, x: Tensor, cond: Tensor | None = None, *, causal: bool = False) -> Tensor:
+    def forward(self, x: Tensor, cond: Tensor | None = None, *, causal: bool = False,
+                key_mask: Tensor | None = None) -> Tensor:
+        """``key_mask`` (B, N) boolean, True for real tokens: padded positions are never attended to,
+        so the outputs at real positions do not depend on the padding (their own outputs are
+        computed but meaningless)."""
         if x.ndim != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"expected tokens of shape (B, N, {self.dim}); got {tuple(x.shape)}")
         if cond is not None and (cond.shape[0] != x.shape[0] or cond.ndim == 3 and cond.shape[1] != x.shape[1]):
             raise ValueError(f"expected cond of shape ({x.shape[0]}, C) or ({x.shape[0]}, {x.shape[1]}, C); "
                              f"got {tuple(cond.shape)}")
         for block in self.blocks:
-            x = block(x, cond, causal=causal)
+            x = block(x, cond, causal=causal, key_mask=key_mask)
         return self.norm(x)
 
 

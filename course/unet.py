@@ -16,9 +16,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .nets import IntervalEmbedding, LabelEmbedding, SinusoidalTimeEmbedding, interval_embedding
+from .text import masked_mean
+from .transformer import CrossAttention
 from .utils import check_batch, check_positive_int
 
-__all__ = ["UNet", "ResBlock"]
+__all__ = ["UNet", "ResBlock", "SpatialCrossAttention"]
 
 
 def _norm(channels: int, groups: int) -> nn.Module:
@@ -44,6 +46,24 @@ class ResBlock(nn.Module):
         return self.skip(x) + self.conv2(F.silu(h))
 
 
+class SpatialCrossAttention(nn.Module):
+    """x + CrossAttention(GroupNorm(x) as HW tokens -> context): every position of a feature map
+    reads the context tokens (Stable Diffusion's text conditioning). The output projection starts
+    at zero, so the block starts as the identity."""
+
+    def __init__(self, channels: int, context_dim: int, heads: int = 4, groups: int = 8):
+        super().__init__()
+        self.norm = _norm(channels, groups)
+        self.attn = CrossAttention(channels, context_dim, heads)
+        nn.init.zeros_(self.attn.out.weight)
+        nn.init.zeros_(self.attn.out.bias)
+
+    def forward(self, x: Tensor, context: Tensor, context_mask: Tensor | None) -> Tensor:
+        b, c, h, w = x.shape
+        tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
+        return x + self.attn(tokens, context, context_mask).transpose(1, 2).reshape(b, c, h, w)
+
+
 class UNet(nn.Module):
     """Small U-Net.
 
@@ -63,11 +83,16 @@ class UNet(nn.Module):
             image, chapter 08); the output keeps ``in_channels``.
         aug_level: also take the noise-augmentation level ``aug_level`` in [0, 1] of that image,
             embedded like t (Imagen's noise-conditioning augmentation).
+        context_dim: > 0 takes a sequence of context tokens ``context`` (B, L, context_dim) with an
+            optional padding mask ``context_mask`` (B, L) (chapter 09: a caption's text-encoder
+            states): cross-attention from the feature maps at 1/2 and 1/4 resolution to the tokens,
+            and their masked mean added to the time embedding (global conditioning).
     """
 
     def __init__(self, in_channels: int = 1, channels: tuple[int, int, int] = (32, 64, 64), emb_dim: int = 128,
                  num_classes: int | None = None, groups: int = 8, patch: int = 1,
-                 interval: bool = False, cond_channels: int = 0, aug_level: bool = False):
+                 interval: bool = False, cond_channels: int = 0, aug_level: bool = False,
+                 context_dim: int = 0, heads: int = 4):
         super().__init__()
         self.in_channels = check_positive_int(in_channels, "in_channels")
         if len(channels) != 3:
@@ -92,6 +117,10 @@ class UNet(nn.Module):
         self.up0 = ResBlock(c1 + c0, c0, emb_dim, groups)
         self.out = nn.Sequential(_norm(c0, groups), nn.SiLU(), nn.Conv2d(c0, in_channels * patch**2, 3, padding=1),
                                  nn.PixelShuffle(patch))
+        self.context_dim = check_positive_int(context_dim, "context_dim", allow_zero=True)
+        if self.context_dim:
+            self.pooled = nn.Linear(context_dim, emb_dim)
+            self.cross = nn.ModuleList(SpatialCrossAttention(c, context_dim, heads, groups) for c in (c1, c2, c1))
 
     def embed(self, t: Tensor, y: Tensor | None, batch: int, r: Tensor | None = None) -> Tensor:
         emb = self.time(t) + interval_embedding(self.interval, t, r, "U-Net")
@@ -118,8 +147,22 @@ class UNet(nn.Module):
         extra = None if self.aug is None else self.aug(aug_level.to(x.dtype))
         return torch.cat([x, low_res.to(x.dtype)], 1), extra
 
+    def _context(self, x: Tensor, context: Tensor | None, context_mask: Tensor | None) -> Tensor | None:
+        if not self.context_dim:
+            if context is not None or context_mask is not None:
+                raise ValueError("this U-Net takes no context (context_dim=0); got context")
+            return None
+        if not isinstance(context, Tensor) or context.ndim != 3 or context.shape[0] != x.shape[0] \
+                or context.shape[2] != self.context_dim:
+            got = tuple(context.shape) if isinstance(context, Tensor) else context
+            raise ValueError(f"expected context of shape ({x.shape[0]}, L, {self.context_dim}) (e.g. a caption's "
+                             f"text-encoder states; the empty caption's for the unconditional model); got {got}")
+        mask = context_mask if context_mask is not None else torch.ones(context.shape[:2], dtype=torch.bool)
+        return self.pooled(masked_mean(context.to(x.dtype), mask))
+
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None, r: Tensor | None = None,
-                low_res: Tensor | None = None, aug_level: Tensor | None = None) -> Tensor:
+                low_res: Tensor | None = None, aug_level: Tensor | None = None,
+                context: Tensor | None = None, context_mask: Tensor | None = None) -> Tensor:
         check_batch(x, ndim=4)
         if x.shape[1] != self.in_channels:
             raise ValueError(f"expected x with {self.in_channels} channel(s); got shape {tuple(x.shape)}")
@@ -131,9 +174,17 @@ class UNet(nn.Module):
         inp, extra = self._conditioning(x, low_res, aug_level)
         if extra is not None:
             emb = emb + extra
+        pooled = self._context(x, context, context_mask)
+        if pooled is not None:
+            emb = emb + pooled
+            context = context.to(x.dtype)
+
+        def attend(i: int, h: Tensor) -> Tensor:
+            return h if pooled is None else self.cross[i](h, context, context_mask)
+
         h0 = self.down0(self.stem(inp), emb)  # (B, c0, H, W)
-        h1 = self.down1(self.pool0(h0), emb)  # (B, c1, H/2, W/2)
-        h = self.mid(self.pool1(h1), emb)  # (B, c2, H/4, W/4)
-        h = self.up1(torch.cat([F.interpolate(h, size=h1.shape[-2:], mode="nearest"), h1], 1), emb)
+        h1 = attend(0, self.down1(self.pool0(h0), emb))  # (B, c1, H/2, W/2)
+        h = attend(1, self.mid(self.pool1(h1), emb))  # (B, c2, H/4, W/4)
+        h = attend(2, self.up1(torch.cat([F.interpolate(h, size=h1.shape[-2:], mode="nearest"), h1], 1), emb))
         h = self.up0(torch.cat([F.interpolate(h, size=h0.shape[-2:], mode="nearest"), h0], 1), emb)
         return self.out(h)
