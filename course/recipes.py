@@ -6,6 +6,8 @@ Importing it registers every chapter's recipe kinds and recipes:
 - ``course.distillation_recipes`` (chapter 07): the progressive-distillation ladder and the one-
   and few-step students;
 - ``course.latent_recipes`` (chapter 08): the autoencoders and latent models;
+- ``course.text_recipes`` (chapter 09): CLIP from scratch, text-conditioned latent diffusion and
+  unCLIP;
 - ``course.autoregressive_recipes`` (chapter 12): MAR on the latent space, Diffusion Forcing and
   its teacher-forcing baseline on the pendulum.
 
@@ -15,7 +17,7 @@ The machinery (``Recipe``, ``RecipeKind``, ``run_recipe``, checkpoints and the m
 
 from __future__ import annotations
 
-from . import autoregressive_recipes, distillation_recipes, latent_recipes  # noqa: F401  (they register their kinds and recipes)
+from . import autoregressive_recipes, distillation_recipes, latent_recipes, text_recipes  # noqa: F401  (they register their kinds and recipes)
 from .image_recipes import PATH, eval_labels, random_shift, sample_classes, sample_metrics
 from .recipe_registry import (
     DATASETS,

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .autoencoder import KLAutoencoder
+from .captions import digit_attributes
 from .latent import LatentDiffusion
 from .nets import SinusoidalTimeEmbedding
 from .ode import sample_flow_euler
@@ -37,7 +38,7 @@ from .text import BOS, PAD, TextEncoder, Tokens
 from .utils import check_positive_int
 
 __all__ = ["TextLatentDiffusion", "empty_tokens", "drop_captions", "context_guidance", "sample_from_text",
-           "VectorDenoiser", "embedding_scale", "sample_vectors", "sample_unclip"]
+           "VectorDenoiser", "embedding_scale", "sample_vectors", "sample_unclip", "attribute_control"]
 
 
 def empty_tokens(batch: int, max_len: int) -> Tokens:
@@ -178,3 +179,48 @@ def sample_unclip(prior: VectorDenoiser, decoder: LatentDiffusion, text_emb: Ten
         cond = {"context": part[:, None, :], "context_mask": torch.ones(len(part), 1, dtype=torch.bool)}
         out.append(decoder.decode(sample_flow_euler(field, z1, ts, **cond)))
     return torch.cat(out), emb
+
+
+def attribute_control(generate: Callable[[list[str], torch.Generator], Tensor], *, digits=range(10),
+                      templates: tuple[str, ...] | None = None, per_prompt: int = 16, seed: int = 0,
+                      class_mean: Tensor | None = None, class_std: Tensor | None = None) -> dict:
+    """Do requested attributes move the measured ones? For every digit, attribute and template, the
+    prompt pair asking for level -1 and +1 (e.g. "my thin number seven" / "my bold number seven")
+    and the bare prompt each get ``per_prompt`` samples from the same noise (``generate(prompts,
+    generator)`` with a generator seeded alike for the three), measured by
+    :func:`~course.captions.digit_attributes`.
+
+    Returns per attribute the share of pairs whose +1 prompt's mean exceeds the -1 prompt's
+    (``direction_*``), the mean difference (``shift_*``) and Spearman's rank correlation between the
+    requested level (-1, 0 for the bare prompt, +1) and the measured value, standardised per digit
+    by ``class_mean``/``class_std`` (the training digits' attributes; ``rho_*``); ``pairs``."""
+    from scipy.stats import spearmanr
+
+    from .captions import ATTRIBUTES, HELD_OUT_TEMPLATES, caption_for
+
+    templates = templates or HELD_OUT_TEMPLATES["described"]
+    bare = HELD_OUT_TEMPLATES["bare"][0]
+    out: dict = {"pairs": 0, "per_prompt": per_prompt}
+    for a, attribute in enumerate(ATTRIBUTES):
+        wins, shifts, levels, values = [], [], [], []
+        for digit in digits:
+            for template in templates:
+                measured = {}
+                for level in (-1, 0, 1):
+                    prompt = (caption_for(digit, {attribute: level}, template=template) if level
+                              else caption_for(digit, template=bare))
+                    images = generate([prompt] * per_prompt, torch.Generator().manual_seed(seed + digit))
+                    value = digit_attributes(images)[:, a]
+                    if class_mean is not None:
+                        value = (value - class_mean[digit, a]) / class_std[digit, a]
+                    measured[level] = value
+                    levels += [level] * per_prompt
+                    values += value.tolist()
+                wins.append(bool(measured[1].mean() > measured[-1].mean()))
+                shifts.append(float(measured[1].mean() - measured[-1].mean()))
+        out[f"direction_{attribute}"] = sum(wins) / len(wins)
+        out[f"shift_{attribute}"] = sum(shifts) / len(shifts)
+        out[f"rho_{attribute}"] = float(spearmanr(levels, values).statistic)
+        out["pairs"] += len(wins)
+    out["direction_all"] = sum(out[f"direction_{a}"] for a in ATTRIBUTES) / len(ATTRIBUTES)
+    return out

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from . import ch01, ch02, ch03, ch04, ch05, ch06, ch07, ch08, ch12
+from . import ch01, ch02, ch03, ch04, ch05, ch06, ch07, ch08, ch09, ch12
 from .provenance import reference_use
 from .verdict import CheckResult
 
@@ -91,6 +91,15 @@ CHAPTERS: dict[str, tuple[Exercise, ...]] = {
         Exercise("8.4", "your own autoencoder, measured on held-out digits", ("encode", "decode"),
                  ch08.check_own_autoencoder),
     ),
+    "09_text_to_image": (
+        Exercise("9.1", "CLIP's symmetric InfoNCE loss", ("clip_loss",), ch09.check_clip_loss),
+        Exercise("9.2", "cross-attention from image tokens to a padded caption", ("cross_attention",),
+                 ch09.check_cross_attention),
+        Exercise("9.3", "classifier-free guidance with the empty caption", ("guided_velocity",),
+                 ch09.check_guided_velocity),
+        Exercise("9.4", "the stroke thickness a caption's 'bold' refers to", ("stroke_thickness",),
+                 ch09.check_stroke_thickness),
+    ),
     "12_autoregressive_diffusion": (
         Exercise("12.1", "the diffusion loss of a token given z", ("diffusion_loss",), ch12.check_diffusion_loss),
         Exercise("12.2", "which tokens a MAR step reveals", ("reveal_next",), ch12.check_reveal_next),
@@ -126,6 +135,9 @@ REFERENCES: dict[str, tuple[str, ...]] = {
     "8.3": ("course.cascade",),
     "8.4": ("course.autoencoder", "course.latent", "course.pretrained", "course.recipe_registry", "course.recipes",
             "course.latent_recipes", "course.training"),
+    "9.1": ("course.clip",), "9.2": ("course.transformer", "course.unet"), "9.3": ("course.text_to_image",
+                                                                                    "course.guidance"),
+    "9.4": ("course.captions",),
     "12.1": ("course.autoregressive", "course.flow_matching"), "12.2": ("course.autoregressive",),
     "12.3": ("course.diffusion_forcing",), "12.4": ("course.diffusion_forcing", "course.autoregressive"),
 }
