@@ -160,9 +160,13 @@ class UNet(nn.Module):
         mask = context_mask if context_mask is not None else torch.ones(context.shape[:2], dtype=torch.bool)
         return self.pooled(masked_mean(context.to(x.dtype), mask))
 
-    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None, r: Tensor | None = None,
-                low_res: Tensor | None = None, aug_level: Tensor | None = None,
-                context: Tensor | None = None, context_mask: Tensor | None = None) -> Tensor:
+    def encode(self, x: Tensor, t: Tensor, y: Tensor | None = None, r: Tensor | None = None,
+               low_res: Tensor | None = None, aug_level: Tensor | None = None,
+               context: Tensor | None = None, context_mask: Tensor | None = None,
+               stem_extra: Tensor | None = None) -> tuple:
+        """The down path: ``(emb, h0, h1, h_mid, attend)``, the features the up path joins (ControlNet
+        runs a trainable copy of exactly this). ``stem_extra`` is added to the stem's output (the
+        embedded control image of a ControlNet copy)."""
         check_batch(x, ndim=4)
         if x.shape[1] != self.in_channels:
             raise ValueError(f"expected x with {self.in_channels} channel(s); got shape {tuple(x.shape)}")
@@ -182,9 +186,23 @@ class UNet(nn.Module):
         def attend(i: int, h: Tensor) -> Tensor:
             return h if pooled is None else self.cross[i](h, context, context_mask)
 
-        h0 = self.down0(self.stem(inp), emb)  # (B, c0, H, W)
+        stem = self.stem(inp)
+        if stem_extra is not None:
+            stem = stem + stem_extra
+        h0 = self.down0(stem, emb)  # (B, c0, H, W)
         h1 = attend(0, self.down1(self.pool0(h0), emb))  # (B, c1, H/2, W/2)
         h = attend(1, self.mid(self.pool1(h1), emb))  # (B, c2, H/4, W/4)
+        return emb, h0, h1, h, attend
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None, r: Tensor | None = None,
+                low_res: Tensor | None = None, aug_level: Tensor | None = None,
+                context: Tensor | None = None, context_mask: Tensor | None = None,
+                residuals: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
+        emb, h0, h1, h, attend = self.encode(x, t, y, r, low_res, aug_level, context, context_mask)
+        if residuals is not None:  # a ControlNet's additions to the skips and the middle (chapter 10)
+            if len(residuals) != 3 or any(a.shape != b.shape for a, b in zip(residuals, (h0, h1, h), strict=True)):
+                raise ValueError(f"expected residuals of shapes {tuple(h0.shape)}, {tuple(h1.shape)}, {tuple(h.shape)}")
+            h0, h1, h = h0 + residuals[0], h1 + residuals[1], h + residuals[2]
         h = attend(2, self.up1(torch.cat([F.interpolate(h, size=h1.shape[-2:], mode="nearest"), h1], 1), emb))
         h = self.up0(torch.cat([F.interpolate(h, size=h0.shape[-2:], mode="nearest"), h0], 1), emb)
         return self.out(h)

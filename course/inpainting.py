@@ -1,0 +1,153 @@
+"""Chapter 10: inpainting, by diffusion and by PatchMatch.
+
+**Diffusion inpainting by replacement** (RePaint, Lugmayr et al. 2022, for a flow model on the
+linear path x_t = (1 - t) x_0 + t eps): run the sampler from t = 1 to 0 and, after every step to
+time s, overwrite the known pixels with a fresh forward sample of the known image at s,
+x_s[known] = (1 - s) x_0[known] + s eps. The unknown pixels are generated in a context that is
+always consistent with the known ones at the current noise level; at s = 0 the known pixels are
+the input exactly (tested bit for bit). ``resample`` > 1 is RePaint's harmonisation: after a step,
+noise the whole image back to the previous time and redo the step, so the generated region can
+adapt to the known one.
+
+**PatchMatch** (Barnes et al. 2009): a nearest-neighbour field (NNF) maps every p x p patch of a
+target image to its most similar patch of a source image (sum of squared differences). It starts
+random and improves by **propagation** (a neighbour's match, shifted by one pixel, is often a good
+match here too, because images are coherent) and **random search** (candidates drawn around the
+current match in windows that halve in size). Here both run in parallel over all patches, one
+propagation sweep checking the four neighbours at once (a Jacobi form of the paper's alternating
+scan order), which vectorises in torch. :func:`patchmatch_inpaint` fills a hole the classic way
+(Wexler et al. 2007): alternate the NNF from patches touching the hole to fully known patches with
+a vote, each hole pixel the mean of what the overlapping matched patches put there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .utils import check_positive_int
+
+__all__ = ["inpaint_replace", "patchmatch", "patchmatch_inpaint", "check_known_mask"]
+
+
+def check_known_mask(x: Tensor, known: Tensor) -> Tensor:
+    """``known`` as a boolean mask of ``x``'s shape (True: the pixel is given)."""
+    if not isinstance(known, Tensor) or known.dtype != torch.bool or known.shape != x.shape:
+        got = f"{tuple(known.shape)} {known.dtype}" if isinstance(known, Tensor) else type(known).__name__
+        raise ValueError(f"expected a boolean mask of the images' shape {tuple(x.shape)} (True where known); got {got}")
+    return known
+
+
+@torch.no_grad()
+def inpaint_replace(velocity: Callable, x_known: Tensor, known: Tensor, *, nfe: int = 20, resample: int = 1,
+                    generator: torch.Generator | None = None, **cond) -> Tensor:
+    """Fill the pixels where ``known`` is False with ``velocity(x, t, **cond)``'s flow (Euler,
+    ``nfe`` uniform steps), replacing the known pixels by their forward sample after every step."""
+    known = check_known_mask(x_known, known)
+    nfe, resample = check_positive_int(nfe, "nfe"), check_positive_int(resample, "resample")
+    ts = torch.linspace(1.0, 0.0, nfe + 1, dtype=x_known.dtype)
+    x = torch.randn(x_known.shape, generator=generator, dtype=x_known.dtype)
+    x = torch.where(known, ts[0] * x + (1 - ts[0]) * x_known, x)
+    for i in range(nfe):
+        t, s = ts[i], ts[i + 1]
+        for u in range(resample):
+            x = x + (s - t) * velocity(x, torch.full((x.shape[0],), float(t), dtype=x.dtype), **cond)
+            eps = torch.randn(x.shape, generator=generator, dtype=x.dtype)
+            x = torch.where(known, (1 - s) * x_known + s * eps, x)
+            if u < resample - 1:  # back to time t: x_t = a x_s + sqrt(t^2 - a^2 s^2) eps with a = (1 - t) / (1 - s)
+                a = (1 - t) / (1 - s)
+                noise = torch.randn(x.shape, generator=generator, dtype=x.dtype)
+                x = a * x + (t**2 - a**2 * s**2).clamp_min(0).sqrt() * noise
+    return torch.where(known, x_known, x)  # at s = 0 the forward sample is x_known itself; exact by construction
+
+
+def _patches(img: Tensor, p: int) -> Tensor:
+    """All p x p patches of ``(C, H, W)`` as rows ``((H-p+1)(W-p+1), C p^2)``, in raster order of their top-left."""
+    return F.unfold(img[None], p)[0].T
+
+
+def _distance(tp: Tensor, sp: Tensor, idx: Tensor, weight: Tensor | None) -> Tensor:
+    diff = (tp - sp[idx]).pow(2)
+    return (diff * weight).sum(1) if weight is not None else diff.sum(1)
+
+
+def patchmatch(target: Tensor, source: Tensor, patch: int = 5, *, iters: int = 5, valid: Tensor | None = None,
+               weight: Tensor | None = None, generator: torch.Generator | None = None,
+               init: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The nearest-neighbour field from ``target`` to ``source`` (both ``(C, H, W)``): for every
+    p x p target patch (by its top-left, raster order) the index of a source patch and its sum of
+    squared differences. ``valid`` (source patches, boolean) restricts the matches; ``weight``
+    (per target patch and entry, ``(P, C p^2)``) weighs the squared differences. Returns
+    ``(index (P,), distance (P,))``."""
+    p, iters = check_positive_int(patch, "patch"), check_positive_int(iters, "iters", allow_zero=True)
+    if target.ndim != 3 or source.ndim != 3 or target.shape[0] != source.shape[0]:
+        raise ValueError(f"expected target and source images (C, H, W) with the same channels; got "
+                         f"{tuple(target.shape)} and {tuple(source.shape)}")
+    th, tw = target.shape[1] - p + 1, target.shape[2] - p + 1
+    sh, sw = source.shape[1] - p + 1, source.shape[2] - p + 1
+    if min(th, tw, sh, sw) < 1:
+        raise ValueError(f"expected images of at least {p} x {p} pixels for {p} x {p} patches")
+    tp, sp = _patches(target, p), _patches(source, p)
+    big = torch.finfo(tp.dtype).max
+    ok = torch.ones(sh * sw, dtype=torch.bool) if valid is None else valid.reshape(-1)
+    if ok.shape != (sh * sw,) or not bool(ok.any()):
+        raise ValueError(f"expected a boolean valid mask of {sh * sw} source patches with at least one True")
+    allowed = ok.nonzero().squeeze(1)
+
+    def cost(idx: Tensor) -> Tensor:
+        return torch.where(ok[idx], _distance(tp, sp, idx, weight), big)
+
+    best = allowed[torch.randint(len(allowed), (th * tw,), generator=generator)] if init is None else init.clone()
+    dist = cost(best)
+    rows, cols = torch.arange(th * tw) // tw, torch.arange(th * tw) % tw
+    for _ in range(iters):
+        # propagation: each neighbour's match, shifted back by the offset between the two target patches
+        grid = best.reshape(th, tw)
+        for dr, dc in ((0, -1), (-1, 0), (0, 1), (1, 0)):
+            nr, nc = (rows + dr).clamp(0, th - 1), (cols + dc).clamp(0, tw - 1)
+            cand = grid[nr, nc]
+            cr, cc = (cand // sw - (nr - rows)).clamp(0, sh - 1), (cand % sw - (nc - cols)).clamp(0, sw - 1)
+            cand = cr * sw + cc
+            d = cost(cand)
+            better = d < dist
+            best, dist = torch.where(better, cand, best), torch.where(better, d, dist)
+        # random search in windows around the current match, halving from the whole image
+        radius = max(sh, sw)
+        while radius >= 1:
+            off = torch.randint(-radius, radius + 1, (2, th * tw), generator=generator)
+            cr, cc = (best // sw + off[0]).clamp(0, sh - 1), (best % sw + off[1]).clamp(0, sw - 1)
+            cand = cr * sw + cc
+            d = cost(cand)
+            better = d < dist
+            best, dist = torch.where(better, cand, best), torch.where(better, d, dist)
+            radius //= 2
+    return best, dist
+
+
+@torch.no_grad()
+def patchmatch_inpaint(image: Tensor, known: Tensor, *, patch: int = 5, em_iters: int = 6, nnf_iters: int = 4,
+                       generator: torch.Generator | None = None) -> Tensor:
+    """Fill the hole (``known`` False) of ``image`` ``(C, H, W)`` from its own known patches:
+    alternate PatchMatch (target patches weighted by known-or-filled pixels, sources fully known)
+    with a vote. The known pixels are returned unchanged."""
+    if image.ndim != 3:
+        raise ValueError(f"expected one image (C, H, W); got {tuple(image.shape)}")
+    known = check_known_mask(image, known)
+    p = check_positive_int(patch, "patch")
+    c, h, w = image.shape
+    sh, sw = h - p + 1, w - p + 1
+    valid = F.unfold((~known).any(0, keepdim=True)[None].float(), p)[0].sum(0) == 0  # fully known patches
+    if not bool(valid.any()):
+        raise ValueError(f"the hole leaves no fully known {p} x {p} patch to copy from")
+    fill = image.clone()
+    fill[~known] = image[known].mean()
+    counts = F.fold(torch.ones(1, c * p * p, sh * sw, dtype=image.dtype), (h, w), p)[0]
+    nnf = None
+    for _ in range(check_positive_int(em_iters, "em_iters")):
+        nnf, _ = patchmatch(fill, fill, p, iters=nnf_iters, valid=valid, generator=generator, init=nnf)
+        votes = F.fold(_patches(fill, p)[nnf].T[None], (h, w), p)[0] / counts  # mean of the matched patches' pixels
+        fill = torch.where(known, image, votes)
+    return fill
