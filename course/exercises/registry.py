@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from . import ch01, ch02, ch03, ch04, ch05, ch06, ch07, ch08, ch09, ch12
+from . import ch01, ch02, ch03, ch04, ch05, ch06, ch07, ch08, ch09, ch10, ch12
 from .provenance import reference_use
 from .verdict import CheckResult
 
@@ -100,6 +100,11 @@ CHAPTERS: dict[str, tuple[Exercise, ...]] = {
         Exercise("9.4", "the stroke thickness a caption's 'bold' refers to", ("stroke_thickness",),
                  ch09.check_stroke_thickness),
     ),
+    "10_scaling_and_control": (
+        Exercise("10.1", "one adaLN-Zero residual branch", ("adaln_zero_branch",), ch10.check_adaln_zero_branch),
+        Exercise("10.2", "patchify and unpatchify", ("patchify", "unpatchify"), ch10.check_patchify),
+        Exercise("10.3", "one PatchMatch propagation sweep", ("propagate",), ch10.check_propagate),
+    ),
     "12_autoregressive_diffusion": (
         Exercise("12.1", "the diffusion loss of a token given z", ("diffusion_loss",), ch12.check_diffusion_loss),
         Exercise("12.2", "which tokens a MAR step reveals", ("reveal_next",), ch12.check_reveal_next),
@@ -138,6 +143,8 @@ REFERENCES: dict[str, tuple[str, ...]] = {
     "9.1": ("course.clip",), "9.2": ("course.transformer", "course.unet"), "9.3": ("course.text_to_image",
                                                                                     "course.guidance"),
     "9.4": ("course.captions",),
+    "10.1": ("course.transformer", "course.dit"), "10.2": ("course.transformer", "course.dit"),
+    "10.3": ("course.inpainting",),
     "12.1": ("course.autoregressive", "course.flow_matching"), "12.2": ("course.autoregressive",),
     "12.3": ("course.diffusion_forcing",), "12.4": ("course.diffusion_forcing", "course.autoregressive"),
 }
