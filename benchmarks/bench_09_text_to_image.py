@@ -30,8 +30,13 @@ import torch
 
 from course.pretrained import load
 from course.recipe_registry import checkpoint_dir, get_recipe, load_data
-from course.text_recipes import _clip_metrics, evaluation_context, text_to_image_metrics
-from course.text_to_image import sample_from_text, sample_unclip
+from course.text_recipes import (
+    TEXT_MAX_LEN,
+    _clip_metrics,
+    evaluation_context,
+    text_to_image_metrics,
+)
+from course.text_to_image import empty_tokens, sample_from_text, sample_unclip
 
 
 def _manifest() -> dict:
@@ -62,9 +67,7 @@ def _text_generator(model, w, nfe):
 
 def _unclip_generator(w, nfe):
     prior, decoder, clip = load("mnist_unclip_prior"), load("mnist_unclip_decoder"), load("mnist_clip")
-    from course.text_to_image import empty_tokens
-
-    empty = clip.encode_text(empty_tokens(1, 16)).detach()
+    empty = clip.encode_text(empty_tokens(1, TEXT_MAX_LEN)).detach()
     w_prior = float(get_recipe("mnist_unclip_prior").option("prior_w"))
 
     def generate(tokens, g):
@@ -107,24 +110,10 @@ def imagen_table(weights=(0.0, 0.5, 1.0, 2.0, 4.0)) -> None:
         clip = get_recipe(recipe.option("clip"))
         enc = f"{clip.option('text_depth')} x {clip.option('text_dim')} ({recipe.option('clip')})"
         for w in weights:
-            m = _fd_and_score(_text_generator(model, w, recipe.eval_nfe), recipe, held_out, classifier, context)
+            m = text_to_image_metrics(_text_generator(model, w, recipe.eval_nfe), recipe, held_out, False, classifier,
+                                     context, attributes=False)
             print(f"| {enc} | {w:g} | {m['mnist_fd']:.2f} ({m['mnist_fd_floor']:.2f}) | {m['clip_score']:.3f} | "
                   f"{m['named_digit_accuracy']:.1%} |")
-
-
-def _fd_and_score(generate, recipe, held_out, classifier, context) -> dict:
-    """FD, CLIP score and accuracy on the 1 000 held-out captions (no attribute control)."""
-    from course.clip import clip_score
-    from course.image_metrics import evaluate_class_conditional
-    from course.text_recipes import held_out_captions
-
-    gen = torch.Generator().manual_seed(1)
-    evaluation = held_out.per_class(100, generator=gen)
-    captions = held_out_captions(evaluation.images, evaluation.labels, context["scale"], seed=recipe.seed)
-    samples = generate(captions, torch.Generator().manual_seed(2))
-    q = evaluate_class_conditional(classifier, samples, evaluation.labels, held_out, per_class_fd=50, generator=gen)
-    return {"mnist_fd": q.fd, "mnist_fd_floor": q.fd_floor, "named_digit_accuracy": q.accuracy,
-            "clip_score": float(clip_score(context["score_clip"], samples, captions).mean())}
 
 
 def main() -> None:

@@ -69,19 +69,12 @@ def _patches(img: Tensor, p: int) -> Tensor:
     return F.unfold(img[None], p)[0].T
 
 
-def _distance(tp: Tensor, sp: Tensor, idx: Tensor, weight: Tensor | None) -> Tensor:
-    diff = (tp - sp[idx]).pow(2)
-    return (diff * weight).sum(1) if weight is not None else diff.sum(1)
-
-
 def patchmatch(target: Tensor, source: Tensor, patch: int = 5, *, iters: int = 5, valid: Tensor | None = None,
-               weight: Tensor | None = None, generator: torch.Generator | None = None,
-               init: Tensor | None = None) -> tuple[Tensor, Tensor]:
+               generator: torch.Generator | None = None, init: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The nearest-neighbour field from ``target`` to ``source`` (both ``(C, H, W)``): for every
     p x p target patch (by its top-left, raster order) the index of a source patch and its sum of
-    squared differences. ``valid`` (source patches, boolean) restricts the matches; ``weight``
-    (per target patch and entry, ``(P, C p^2)``) weighs the squared differences. Returns
-    ``(index (P,), distance (P,))``."""
+    squared differences. ``valid`` (source patches, boolean) restricts the matches; ``init`` is a
+    field to start from (default: random). Returns ``(index (P,), distance (P,))``."""
     p, iters = check_positive_int(patch, "patch"), check_positive_int(iters, "iters", allow_zero=True)
     if target.ndim != 3 or source.ndim != 3 or target.shape[0] != source.shape[0]:
         raise ValueError(f"expected target and source images (C, H, W) with the same channels; got "
@@ -98,7 +91,7 @@ def patchmatch(target: Tensor, source: Tensor, patch: int = 5, *, iters: int = 5
     allowed = ok.nonzero().squeeze(1)
 
     def cost(idx: Tensor) -> Tensor:
-        return torch.where(ok[idx], _distance(tp, sp, idx, weight), big)
+        return torch.where(ok[idx], (tp - sp[idx]).pow(2).sum(1), big)
 
     best = allowed[torch.randint(len(allowed), (th * tw,), generator=generator)] if init is None else init.clone()
     dist = cost(best)
@@ -131,8 +124,8 @@ def patchmatch(target: Tensor, source: Tensor, patch: int = 5, *, iters: int = 5
 def patchmatch_inpaint(image: Tensor, known: Tensor, *, patch: int = 5, em_iters: int = 6, nnf_iters: int = 4,
                        generator: torch.Generator | None = None) -> Tensor:
     """Fill the hole (``known`` False) of ``image`` ``(C, H, W)`` from its own known patches:
-    alternate PatchMatch (target patches weighted by known-or-filled pixels, sources fully known)
-    with a vote. The known pixels are returned unchanged."""
+    alternate PatchMatch (target patches compared on their known and currently filled pixels, sources
+    fully known) with a vote. The known pixels are returned unchanged."""
     if image.ndim != 3:
         raise ValueError(f"expected one image (C, H, W); got {tuple(image.shape)}")
     known = check_known_mask(image, known)

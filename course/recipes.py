@@ -17,7 +17,13 @@ The machinery (``Recipe``, ``RecipeKind``, ``run_recipe``, checkpoints and the m
 
 from __future__ import annotations
 
-from . import autoregressive_recipes, distillation_recipes, latent_recipes, text_recipes  # noqa: F401  (they register their kinds and recipes)
+from . import (  # noqa: F401  (they register their kinds and recipes)
+    autoregressive_recipes,
+    distillation_recipes,
+    latent_recipes,
+    text_recipes,
+    unclip_recipes,
+)
 from .image_recipes import PATH, eval_labels, random_shift, sample_classes, sample_metrics
 from .recipe_registry import (
     DATASETS,

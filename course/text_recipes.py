@@ -1,4 +1,5 @@
-"""Chapter 09's recipes: CLIP from scratch, text-conditioned latent diffusion and unCLIP.
+"""Chapter 09's recipes: CLIP from scratch and text-conditioned latent diffusion (unCLIP's are in
+:mod:`course.unclip_recipes`).
 
 Every recipe captions the training digits the same way: attribute levels from the training set's
 per-class tertiles (:class:`~course.captions.AttributeScale`), ``CAPTION_VARIANTS`` captions per
@@ -16,12 +17,7 @@ held-out digits with captions from the *held-out* templates.
   on ``mnist_autoencoder``'s latents reading the frozen text encoder of ``mnist_clip`` by
   cross-attention; rectified flow, 10 % caption dropout. ``mnist_text_latent_small`` reads
   ``mnist_clip_small``'s.
-- ``mnist_unclip_prior`` (kind ``unclip_prior``): the flow from a caption's CLIP text embedding to
-  a CLIP image embedding (scaled by sqrt(E)); 10 % of the conditions dropped to the empty caption's
-  embedding.
-- ``mnist_unclip_decoder`` (kind ``unclip_decoder``): the latent U-Net conditioned on a CLIP image
-  embedding (one context token; 10 % dropped to zero); measured through the whole unCLIP chain
-  with ``mnist_unclip_prior``.
+- unCLIP's prior and decoder: :mod:`course.unclip_recipes`, on the same captions and metrics.
 
 The generators report (:func:`text_to_image_metrics`): the share of samples the evaluation
 classifier reads as the digit their held-out caption names, MNIST-FD beside its floor, the CLIP
@@ -34,7 +30,6 @@ from __future__ import annotations
 import time
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .captions import (
@@ -51,7 +46,7 @@ from .clip import CLIP, clip_score, retrieval_top1, zero_shot_predict
 from .flow_matching import cfm_loss
 from .image_metrics import evaluate_class_conditional
 from .image_recipes import PATH, random_shift
-from .latent import LatentDiffusion, sample_latents
+from .latent import sample_latents
 from .latent_recipes import _latent_dataset, _latent_parts, _prepare_latent
 from .recipe_registry import (
     RECIPES,
@@ -66,19 +61,15 @@ from .recipe_registry import (
 from .text import PAD, Tokenizer, Tokens, word_dropout
 from .text_to_image import (
     TextLatentDiffusion,
-    VectorDenoiser,
     attribute_control,
     drop_captions,
-    embedding_scale,
-    empty_tokens,
     sample_from_text,
-    sample_unclip,
 )
 from .unet import UNet
 
 __all__ = ["TEXT_MAX_LEN", "CAPTION_VARIANTS", "caption_tokenizer", "caption_dataset", "held_out_captions",
            "text_to_image_metrics", "class_attribute_stats", "evaluation_context", "zero_shot_prompts",
-           "attribute_zero_shot"]
+           "attribute_zero_shot", "clip_recipe", "load_clip", "fit_caption_scale", "eval_nfe"]
 
 TEXT_MAX_LEN, CAPTION_VARIANTS = 16, 4
 
@@ -116,7 +107,7 @@ def evaluation_context(folder=None, *, fast: bool = False) -> dict:
 
     train = load_data(get_recipe("mnist_clip"), "train", verbose=False)
     context: dict = {"score_clip": load("mnist_clip", folder=folder, allow_fast=fast)}
-    _scale(None, train.images, train.labels, context)
+    fit_caption_scale(train.images, train.labels, context)
     return context
 
 
@@ -126,17 +117,24 @@ def _pick_variant(ids: Tensor, g: torch.Generator) -> Tokens:
     return Tokens(chosen, chosen != PAD)
 
 
-def _scale(recipe, images, labels, context) -> AttributeScale:
+def fit_caption_scale(images, labels, context) -> AttributeScale:
+    """Fit the training digits' attribute tertiles and per-class statistics into ``context``."""
     context["scale"] = AttributeScale.fit(images, labels)
     context["class_stats"] = class_attribute_stats(images, labels)
     return context["scale"]
 
 
-def _load_clip(recipe: Recipe, folder, fast, option: str = "clip") -> CLIP:
-    name = recipe.option(option, "mnist_clip")
+def clip_recipe(recipe: Recipe) -> Recipe:
+    """The CLIP recipe that ``recipe`` names in its option ``clip`` (default ``mnist_clip``), checked."""
+    name = recipe.option("clip", "mnist_clip")
     if name not in RECIPES or RECIPES[name].kind != "clip":
         raise ValueError(f"recipe {recipe.name!r} names {name!r} as its CLIP; expected a recipe of kind 'clip'")
-    return load(name, folder=folder, allow_fast=fast)
+    return get_recipe(name)
+
+
+def load_clip(recipe: Recipe, folder, fast) -> CLIP:
+    """The trained CLIP that ``recipe`` names."""
+    return load(clip_recipe(recipe).name, folder=folder, allow_fast=fast)
 
 
 # ---- CLIP --------------------------------------------------------------------------------------------
@@ -147,7 +145,7 @@ def _build_clip(recipe: Recipe) -> nn.Module:
 
 
 def _clip_dataset(recipe, images, labels, context) -> tuple:
-    scale = _scale(recipe, images, labels, context)
+    scale = fit_caption_scale(images, labels, context)
     return images, caption_dataset(images, labels, scale, seed=recipe.seed)
 
 
@@ -209,29 +207,22 @@ def _clip_metrics(recipe, model, held_out, fast, classifier, context) -> dict:
 
 
 # ---- text-conditioned latent diffusion -------------------------------------------------------------
-def _text_encoder_of(recipe: Recipe):
-    name = recipe.option("clip", "mnist_clip")
-    if name not in RECIPES or RECIPES[name].kind != "clip":
-        raise ValueError(f"recipe {recipe.name!r} names {name!r} as its CLIP; expected a recipe of kind 'clip'")
-    return build_model(get_recipe(name)).text_encoder
-
-
 def _build_text_latent(recipe: Recipe) -> nn.Module:
     _, ae = _latent_parts(recipe)
-    encoder = _text_encoder_of(recipe)
+    encoder = build_model(clip_recipe(recipe)).text_encoder
     denoiser = UNet(ae.latent_channels, channels=recipe.channels, patch=1, context_dim=encoder.dim)
     return TextLatentDiffusion(ae, denoiser, encoder)
 
 
 def _prepare_text_latent(recipe, model, folder, fast) -> dict:
     context = _prepare_latent(recipe, model, folder, fast)
-    model.text_encoder.load_state_dict(_load_clip(recipe, folder, fast).text_encoder.state_dict())
+    model.text_encoder.load_state_dict(load_clip(recipe, folder, fast).text_encoder.state_dict())
     context["score_clip"] = load("mnist_clip", folder=folder, allow_fast=fast)
     return context
 
 
 def _text_latent_dataset(recipe, images, labels, context) -> tuple:
-    scale = _scale(recipe, images, labels, context)
+    scale = fit_caption_scale(images, labels, context)
     moments, _ = _latent_dataset(recipe, images, labels, context)
     return moments, caption_dataset(images, labels, scale, seed=recipe.seed)
 
@@ -246,13 +237,15 @@ def _text_latent_loss(recipe, model, context):
     return loss
 
 
-def _eval_nfe(recipe, fast) -> int:
+def eval_nfe(recipe, fast) -> int:
     return 4 if fast else recipe.eval_nfe
 
 
 @torch.no_grad()
-def text_to_image_metrics(generate, recipe: Recipe, held_out, fast: bool, classifier, context) -> dict:
-    """What a text-to-image generator reports. ``generate(tokens, generator) -> images``."""
+def text_to_image_metrics(generate, recipe: Recipe, held_out, fast: bool, classifier, context, *,
+                          attributes: bool = True) -> dict:
+    """What a text-to-image generator reports. ``generate(tokens, generator) -> images``;
+    ``attributes=False`` leaves out the attribute control (the slowest part)."""
     gen = torch.Generator().manual_seed(1)
     per_class = 5 if fast else 100
     evaluation = held_out.per_class(min(per_class, int((held_out.labels == 0).sum())), generator=gen)
@@ -262,13 +255,15 @@ def text_to_image_metrics(generate, recipe: Recipe, held_out, fast: bool, classi
     samples = generate(captions, torch.Generator().manual_seed(2))
     seconds = time.perf_counter() - start
     score_clip = context["score_clip"]
-    out = {"w": recipe.eval_w, "euler_steps": _eval_nfe(recipe, fast), "samples_per_second": len(y) / seconds,
+    out = {"w": recipe.eval_w, "euler_steps": eval_nfe(recipe, fast), "samples_per_second": len(y) / seconds,
            "clip_score": float(clip_score(score_clip, samples, captions).mean()),
            "clip_score_of_real_digits": float(clip_score(score_clip, x, captions).mean())}
     if classifier is not None:
         quality = evaluate_class_conditional(classifier, samples, y, held_out, per_class_fd=min(per_class, 50),
                                              generator=gen).as_dict()
         out.update({"named_digit_accuracy": quality.pop("class_accuracy"), **quality})
+    if not attributes:
+        return out
     tok = caption_tokenizer()
     mean, std = context["class_stats"]
     control = attribute_control(lambda prompts, g: generate(tok.encode(prompts), g),
@@ -281,132 +276,13 @@ def text_to_image_metrics(generate, recipe: Recipe, held_out, fast: bool, classi
 @torch.no_grad()
 def _text_latent_metrics(recipe, model, held_out, fast, classifier, context) -> dict:
     def generate(tokens, g):
-        return sample_from_text(model, tokens, w=recipe.eval_w, nfe=_eval_nfe(recipe, fast), generator=g)
+        return sample_from_text(model, tokens, w=recipe.eval_w, nfe=eval_nfe(recipe, fast), generator=g)
     return text_to_image_metrics(generate, recipe, held_out, fast, classifier, context)
-
-
-# ---- unCLIP ------------------------------------------------------------------------------------------
-def _clip_dim(recipe: Recipe) -> int:
-    return get_recipe(recipe.option("clip", "mnist_clip")).option("embed_dim", 64)
-
-
-def _build_prior(recipe: Recipe) -> nn.Module:
-    dim = _clip_dim(recipe)
-    return VectorDenoiser(dim, dim, hidden=recipe.option("hidden", 256), depth=recipe.option("depth", 3))
-
-
-def _prepare_clip(recipe, model, folder, fast) -> dict:
-    clip = _load_clip(recipe, folder, fast)
-    return {"clip": clip, "score_clip": load("mnist_clip", folder=folder, allow_fast=fast),
-            "empty_text": clip.encode_text(empty_tokens(1, TEXT_MAX_LEN)).detach()}
-
-
-@torch.no_grad()
-def _embed_texts(clip: CLIP, ids: Tensor) -> Tensor:
-    """CLIP text embeddings ``(N, K, E)`` of caption ids ``(N, K, L)``."""
-    flat = ids.reshape(-1, ids.shape[-1])
-    emb = torch.cat([clip.encode_text(Tokens(part, part != PAD)) for part in flat.split(1000)])
-    return emb.reshape(*ids.shape[:2], -1)
-
-
-@torch.no_grad()
-def _embed_images(clip: CLIP, images: Tensor) -> Tensor:
-    return torch.cat([clip.encode_image(part) for part in images.split(1000)])
-
-
-def _prior_dataset(recipe, images, labels, context) -> tuple:
-    scale = _scale(recipe, images, labels, context)
-    clip = context["clip"].eval()
-    return _embed_images(clip, images), _embed_texts(clip, caption_dataset(images, labels, scale, seed=recipe.seed))
-
-
-def _prior_loss(recipe, model, context):
-    p, empty = float(recipe.option("text_dropout", 0.1)), context["empty_text"]
-    s = embedding_scale(empty.shape[1])
-
-    def loss(model, batch, g):
-        image_emb, text_emb = batch
-        cond = text_emb[torch.arange(len(text_emb)), torch.randint(text_emb.shape[1], (len(text_emb),), generator=g)]
-        cond = torch.where((torch.rand(len(cond), generator=g) < p)[:, None], empty.expand_as(cond), cond)
-        return cfm_loss(model, image_emb * s, PATH, generator=g, cond=cond)
-    return loss
-
-
-@torch.no_grad()
-def _prior_metrics(recipe, model, held_out, fast, classifier, context) -> dict:
-    from .text_to_image import sample_vectors
-
-    model.eval()
-    clip, gen = context["clip"].eval(), torch.Generator().manual_seed(1)
-    evaluation = held_out.per_class(5 if fast else 100, generator=gen)
-    x, y = evaluation.images, evaluation.labels
-    text = clip.encode_text(held_out_captions(x, y, context["scale"], seed=recipe.seed))
-    w = float(recipe.option("prior_w", 1.0))
-    sampled = F.normalize(sample_vectors(model, {"cond": text}, {"cond": context["empty_text"]}, tuple(text.shape),
-                                         w=w, nfe=_eval_nfe(recipe, fast), generator=gen), dim=1)
-    real = clip.encode_image(x)
-    classes = torch.stack([F.normalize(clip.encode_text(p).mean(0), dim=-1) for p in zero_shot_prompts()])
-    return {"w": w, "euler_steps": _eval_nfe(recipe, fast),
-            "cosine_sampled_to_caption": float((sampled * text).sum(1).mean()),
-            "cosine_real_to_caption": float((real * text).sum(1).mean()),
-            "cosine_sampled_to_own_image": float((sampled * real).sum(1).mean()),
-            "zero_shot_accuracy_of_sampled": float(((sampled @ classes.T).argmax(1) == y).double().mean()),
-            "zero_shot_accuracy_of_real": float(((real @ classes.T).argmax(1) == y).double().mean())}
-
-
-def _build_decoder(recipe: Recipe) -> nn.Module:
-    _, ae = _latent_parts(recipe)
-    return LatentDiffusion(ae, UNet(ae.latent_channels, channels=recipe.channels, patch=1,
-                                    context_dim=_clip_dim(recipe)))
-
-
-def _prepare_decoder(recipe, model, folder, fast) -> dict:
-    context = _prepare_latent(recipe, model, folder, fast)
-    context.update(_prepare_clip(recipe, model, folder, fast))
-    context["folder"] = folder
-    return context
-
-
-def _decoder_dataset(recipe, images, labels, context) -> tuple:
-    _scale(recipe, images, labels, context)
-    moments, _ = _latent_dataset(recipe, images, labels, context)
-    return moments, _embed_images(context["clip"].eval(), images)
-
-
-def _decoder_loss(recipe, model, context):
-    p = float(recipe.option("embedding_dropout", 0.1))
-
-    def loss(model, batch, g):
-        moments, emb = batch
-        emb = torch.where((torch.rand(len(emb), generator=g) < p)[:, None], 0.0, emb)
-        ctx = {"context": emb[:, None, :], "context_mask": torch.ones(len(emb), 1, dtype=torch.bool)}
-        return cfm_loss(model, sample_latents(moments, generator=g), PATH, generator=g, **ctx)
-    return loss
-
-
-@torch.no_grad()
-def _decoder_metrics(recipe, model, held_out, fast, classifier, context) -> dict:
-    prior_name = recipe.option("prior", "mnist_unclip_prior")
-    prior = load(prior_name, folder=context["folder"], allow_fast=fast)
-    clip, empty = context["clip"].eval(), context["empty_text"]
-    w_prior = float(get_recipe(prior_name).option("prior_w", 1.0))
-
-    def generate(tokens, g):
-        images, _ = sample_unclip(prior, model, clip.encode_text(tokens), empty, w_prior=w_prior, w=recipe.eval_w,
-                                  nfe_prior=_eval_nfe(recipe, fast), nfe=_eval_nfe(recipe, fast), generator=g)
-        return images
-    out = text_to_image_metrics(generate, recipe, held_out, fast, classifier, context)
-    out["prior_w"] = w_prior
-    return out
 
 
 register_kind("clip", RecipeKind(_build_clip, _clip_loss, _clip_metrics, dataset=_clip_dataset))
 register_kind("text_latent", RecipeKind(_build_text_latent, _text_latent_loss, _text_latent_metrics,
                                         _prepare_text_latent, needs_classifier=True, dataset=_text_latent_dataset))
-register_kind("unclip_prior", RecipeKind(_build_prior, _prior_loss, _prior_metrics, _prepare_clip,
-                                         dataset=_prior_dataset))
-register_kind("unclip_decoder", RecipeKind(_build_decoder, _decoder_loss, _decoder_metrics, _prepare_decoder,
-                                           needs_classifier=True, dataset=_decoder_dataset))
 for _recipe in (
     Recipe("mnist_clip", "clip", steps=3000, batch_size=256, lr=1e-3, width=16, fast_steps=3,
            options=(("embed_dim", 64), ("text_dim", 64), ("text_depth", 2), ("word_dropout", 0.1)),
@@ -423,14 +299,5 @@ for _recipe in (
            patch=1, fast_steps=3, eval_w=2.0,
            options=(("autoencoder", "mnist_autoencoder"), ("clip", "mnist_clip_small"), ("caption_dropout", 0.1)),
            description="as mnist_text_latent, reading the small text encoder of mnist_clip_small"),
-    Recipe("mnist_unclip_prior", "unclip_prior", steps=3000, batch_size=256, lr=1e-3, fast_steps=3,
-           options=(("clip", "mnist_clip"), ("hidden", 256), ("depth", 3), ("text_dropout", 0.1), ("prior_w", 1.0)),
-           description="unCLIP prior: a flow from a caption's CLIP text embedding to a CLIP image embedding"),
-    Recipe("mnist_unclip_decoder", "unclip_decoder", steps=3000, batch_size=128, lr=2e-3, channels=(32, 64, 64),
-           patch=1, fast_steps=3, eval_w=2.0,
-           options=(("autoencoder", "mnist_autoencoder"), ("clip", "mnist_clip"), ("prior", "mnist_unclip_prior"),
-                    ("embedding_dropout", 0.1)),
-           description="unCLIP decoder: latent U-Net conditioned on a CLIP image embedding; measured through "
-                       "mnist_unclip_prior"),
 ):
     register_recipe(_recipe)

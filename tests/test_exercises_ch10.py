@@ -5,9 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from course.exercises import check, run_checks
+from course.exercises import check
 from course.transformer import patchify as course_patchify
 from course.transformer import unpatchify as course_unpatchify
+from tests.exercise_harness import assert_solutions_pass, assert_stubs_state_the_task
 from tests.notebook_code import notebook_functions
 from tests.test_exercises_ch01 import _assert_clean_failure
 
@@ -19,23 +20,11 @@ STUB = notebook_functions(f"exercises/{CHAPTER}.ipynb")
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_solutions_pass(seed):
-    results = run_checks(CHAPTER, SOLUTION, seed=seed)
-    assert [r.exercise for r in results] == ["10.1", "10.2", "10.3"]
-    for r in results:
-        assert r.passed, str(r)
+    assert_solutions_pass(CHAPTER, SOLUTION, ["10.1", "10.2", "10.3"], seed)
 
 
 def test_stubs_fail_cleanly_and_state_the_task_not_the_code():
-    for r in run_checks(CHAPTER, STUB):
-        assert r.status == "not attempted", str(r)
-        _assert_clean_failure(r, "NotImplementedError")
-    for name in NAMES:
-        with pytest.raises(NotImplementedError) as info:
-            STUB[name](*([None] * STUB[name].__code__.co_argcount))
-        text = str(info.value)
-        assert text.startswith("Exercise 10.")
-        for code_word in ("torch.", "F.", "reshape", "permute", "chunk", "clamp", "where", "layer_norm", "silu"):
-            assert code_word not in text, (name, code_word, text)
+    assert_stubs_state_the_task(CHAPTER, STUB, NAMES, "Exercise 10.", ("torch.", "F.", "reshape", "permute", "chunk", "clamp", "where", "layer_norm", "silu"))
 
 
 def test_the_course_functions_are_not_answers():

@@ -6,7 +6,8 @@ import torch
 
 from course.autoregressive import diffusion_loss as course_diffusion_loss
 from course.diffusion_forcing import scheduling_matrix
-from course.exercises import check, run_checks
+from course.exercises import check
+from tests.exercise_harness import assert_solutions_pass, assert_stubs_state_the_task
 from tests.notebook_code import notebook_functions
 from tests.test_exercises_ch01 import _assert_clean_failure
 
@@ -18,23 +19,11 @@ STUB = notebook_functions(f"exercises/{CHAPTER}.ipynb")
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_solutions_pass(seed):
-    results = run_checks(CHAPTER, SOLUTION, seed=seed)
-    assert [r.exercise for r in results] == ["12.1", "12.2", "12.3", "12.4"]
-    for r in results:
-        assert r.passed, str(r)
+    assert_solutions_pass(CHAPTER, SOLUTION, ["12.1", "12.2", "12.3", "12.4"], seed)
 
 
 def test_stubs_fail_cleanly_and_state_the_task_not_the_code():
-    for r in run_checks(CHAPTER, STUB):
-        assert r.status == "not attempted", str(r)
-        _assert_clean_failure(r, "NotImplementedError")
-    for name in NAMES:
-        with pytest.raises(NotImplementedError) as info:
-            STUB[name](*([None] * STUB[name].__code__.co_argcount))
-        text = str(info.value)
-        assert text.startswith("Exercise 12.")
-        for code_word in ("torch.", "repeat", "argsort", "clamp", "arange", "(s - t)", "/ steps", "mean("):
-            assert code_word not in text, (name, code_word, text)
+    assert_stubs_state_the_task(CHAPTER, STUB, NAMES, "Exercise 12.", ("torch.", "repeat", "argsort", "clamp", "arange", "(s - t)", "/ steps", "mean("))
 
 
 def test_the_course_functions_are_not_answers():

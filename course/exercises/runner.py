@@ -30,7 +30,6 @@ import os
 import pickle
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import tempfile
@@ -55,6 +54,7 @@ from .remote import (
     unregister_session,
 )
 from .verdict import CheckResult
+from .wire import UNREADABLE
 
 __all__ = ["Limits", "NotebookReport", "check_notebook", "chapter_of", "read_notebook", "student_process",
            "STATUSES"]
@@ -323,7 +323,7 @@ def _converse(session: Session, chapter: str, seed: int | None, limits: Limits,
         return events, True
     except EOFError:  # the process ended: its exit status says how
         return events, False
-    except (OSError, ValueError, RuntimeError, pickle.UnpicklingError, struct.error):
+    except UNREADABLE:
         events.append({"kind": "lost", "killed": True,
                        "detail": "the notebook's process sent something the grader could not read"})
         return events, False
@@ -362,7 +362,7 @@ def _converse(session: Session, chapter: str, seed: int | None, limits: Limits,
             message = decode(receive(session.read_fd, deadline=session.deadline))
             if isinstance(message, dict) and message.get("kind") == "done":
                 events.append({"kind": "done", "output_chars": int(message.get("output_chars", 0))})
-        except (TimeoutError, EOFError, OSError, ValueError, RuntimeError, pickle.UnpicklingError, struct.error):
+        except (TimeoutError, EOFError, *UNREADABLE):
             pass  # every check ran; a student side that does not say goodbye changes nothing
         if not any(e["kind"] == "done" for e in events):
             ready = next(e for e in events if e["kind"] == "ready")
