@@ -44,8 +44,8 @@ class ControlNet(nn.Module):
         super().__init__()
         if not isinstance(base, UNet):
             raise ValueError(f"expected a course UNet as the base model; got {type(base).__name__}")
-        if base.context_dim or base.cond_channels or base.interval is not None:
-            raise ValueError("expected a class-conditional or unconditional base U-Net (no context, low_res or r)")
+        if base.context_dim or base.cond_channels or base.interval is not None or base.micro is not None:
+            raise ValueError("expected a class-conditional or unconditional base U-Net (no context, low_res, r or size)")
         self.base = base.requires_grad_(False).eval()
         self.copy = copy.deepcopy(base).requires_grad_(True)
         for unused in (self.copy.up1, self.copy.up0, self.copy.out):  # the copy is an encoder only

@@ -34,13 +34,14 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .nets import LabelEmbedding, SinusoidalTimeEmbedding
 from .transformer import TransformerBlock, patchify, unpatchify
 from .utils import check_batch, check_positive_int
 
-__all__ = ["DiT", "MicroConditioning", "positions_2d", "forward_gflops"]
+__all__ = ["DiT", "MicroConditioning", "positions_2d", "forward_gflops", "degrade"]
 
 
 def positions_2d(grid: int, dim: int) -> Tensor:
@@ -162,3 +163,44 @@ def forward_gflops(model: nn.Module, *args, **kwargs) -> float:
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(*args, **kwargs)
     return counter.get_total_flops() / 1e9
+
+
+def degrade(images: Tensor, *, small_share: float = 0.5, crop_share: float = 0.5, min_size: int = 8,
+            max_crop: int = 6, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """SDXL's two training-data artefacts at MNIST scale, with the conditions that record them.
+
+    A share ``small_share`` of the images is *low-resolution*: downscaled to an original size s drawn
+    uniformly from [min_size, side - 1] (area averaging) and upscaled back with bilinear
+    interpolation, so it is blurred; the others keep s = side. A share ``crop_share``, drawn
+    independently, is *cropped*: the side x side window starting at (top, left), both drawn
+    uniformly from [1, max_crop], of the image extended with background (-1) below and to the right,
+    so the digit moves up and to the left and may lose its top or left edge; the others have crop
+    (0, 0). Returns ``(images, size (N,), crop (N, 2))`` with sizes and offsets in pixels (float)."""
+    if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[2] != images.shape[3]:
+        raise ValueError(f"expected square images (N, C, H, H); got {tuple(getattr(images, 'shape', ()))}")
+    n, side = images.shape[0], images.shape[2]
+    if not (0 <= small_share <= 1 and 0 <= crop_share <= 1):
+        raise ValueError(f"expected shares in [0, 1]; got small_share={small_share}, crop_share={crop_share}")
+    if not 1 <= min_size < side:
+        raise ValueError(f"expected 1 <= min_size < {side}; got {min_size}")
+    if not 1 <= max_crop < side:
+        raise ValueError(f"expected 1 <= max_crop < {side}; got {max_crop}")
+    out = images.clone()
+    size = torch.full((n,), float(side))
+    small = torch.rand(n, generator=generator) < small_share
+    drawn = torch.randint(min_size, side, (n,), generator=generator)
+    for s in drawn[small].unique().tolist():
+        rows = small & (drawn == s)
+        low = F.interpolate(images[rows], size=(s, s), mode="area")
+        out[rows] = F.interpolate(low, size=(side, side), mode="bilinear", align_corners=False)
+        size[rows] = float(s)
+    crop = torch.zeros(n, 2)
+    cropped = torch.rand(n, generator=generator) < crop_share
+    offsets = torch.randint(1, max_crop + 1, (n, 2), generator=generator)
+    crop[cropped] = offsets[cropped].float()
+    padded = F.pad(out, (0, max_crop, 0, max_crop), value=-1.0)
+    top, left = crop[:, 0].long(), crop[:, 1].long()
+    rows = (top[:, None] + torch.arange(side))[:, :, None]  # (N, H, 1)
+    cols = (left[:, None] + torch.arange(side))[:, None, :]  # (N, 1, W)
+    out = padded[torch.arange(n)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
+    return out.contiguous(), size, crop

@@ -37,16 +37,20 @@ __all__ = ["classifier_free_guidance", "classifier_log_prob_grad", "classifier_g
 
 
 def classifier_free_guidance(model: Callable, w: float, *, null_label: int) -> Callable:
-    """``guided(x, t, y)`` = (1 + w) model(x, t, y=y) - w model(x, t, y=null), evaluated as one
-    batch of 2B (one network call per step). ``w = 0`` calls the model once, conditionally."""
+    """``guided(x, t, y, **cond)`` = (1 + w) model(x, t, y=y, **cond) - w model(x, t, y=null, **cond),
+    evaluated as one batch of 2B (one network call per step). Further conditions ``cond`` (a control
+    image, SDXL's size and crop) go to both halves unchanged: tensors with a batch dimension are
+    repeated, anything else (a strength) is passed as is. ``w = 0`` calls the model once, conditionally."""
     w = float(w)
     if not torch.isfinite(torch.tensor(w)) or w < 0:
         raise ValueError(f"expected a guidance weight w >= 0; got {w}")
 
-    def guided(x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+    def guided(x: Tensor, t: Tensor, y: Tensor, **cond) -> Tensor:
         if w == 0:
-            return model(x, t, y=y)
-        both = model(torch.cat([x, x]), torch.cat([t, t]), y=torch.cat([y, torch.full_like(y, null_label)]))
+            return model(x, t, y=y, **cond)
+        twice = {k: torch.cat([v, v]) if isinstance(v, Tensor) and v.ndim and v.shape[0] == x.shape[0] else v
+                 for k, v in cond.items()}
+        both = model(torch.cat([x, x]), torch.cat([t, t]), y=torch.cat([y, torch.full_like(y, null_label)]), **twice)
         cond, uncond = both.chunk(2)
         return (1 + w) * cond - w * uncond
 

@@ -52,11 +52,13 @@ PATH = LinearPath()
 @torch.no_grad()
 def sample_classes(model: nn.Module, labels: Tensor, *, w: float = 1.0, nfe: int = 20,
                    generator: torch.Generator | None = None, batch: int = 500,
-                   shape: tuple[int, int, int] | None = None) -> Tensor:
+                   shape: tuple[int, int, int] | None = None, **cond) -> Tensor:
     """Class-conditional samples of a ``cfm_unet`` model: Euler on the guided velocity, ``nfe``
     uniform steps from t = 1 to 0 (``nfe`` network calls of a 2B batch when w > 0). A
     :class:`~course.latent.LatentDiffusion` is sampled in its latent space and decoded. ``shape``
-    overrides the sample shape (default: 28x28 MNIST or 32x32 CIFAR-10 by the model's channels)."""
+    overrides the sample shape (default: 28x28 MNIST or 32x32 CIFAR-10 by the model's channels).
+    Further conditions ``cond`` (a control image per sample, SDXL's size and crop) are passed to the
+    model; tensors of one row per label are split into batches with the labels."""
     model.eval()
     field = classifier_free_guidance(model, w, null_label=model.num_classes)
     ts = torch.linspace(1.0, 0.0, check_positive_int(nfe, "nfe") + 1)
@@ -64,9 +66,12 @@ def sample_classes(model: nn.Module, labels: Tensor, *, w: float = 1.0, nfe: int
     if shape is None:
         shape = model.latent_shape if latent else (1, 28, 28) if model.in_channels == 1 else (3, 32, 32)
     out = []
-    for y in labels.split(batch):
+    for start in range(0, len(labels), batch):
+        y = labels[start:start + batch]
+        part = {k: v[start:start + batch] if isinstance(v, Tensor) and v.ndim and v.shape[0] == len(labels) else v
+                for k, v in cond.items()}
         x1 = torch.randn((y.shape[0], *shape), generator=generator)
-        x0 = sample_flow_euler(field, x1, ts, y=y)
+        x0 = sample_flow_euler(field, x1, ts, y=y, **part)
         out.append(model.decode(x0) if latent else x0)
     return torch.cat(out)
 

@@ -30,7 +30,23 @@ from torch import Tensor
 
 from .utils import check_positive_int
 
-__all__ = ["inpaint_replace", "patchmatch", "patchmatch_inpaint", "check_known_mask"]
+__all__ = ["inpaint_replace", "inpaint_paste", "patchmatch", "patchmatch_inpaint", "check_known_mask", "hole_mask",
+           "HOLES"]
+
+# the holes of the chapter's measurements: (rows, columns) slices of a 28 x 28 digit
+HOLES = {"centre": (slice(8, 20), slice(8, 20)), "bottom half": (slice(14, 28), slice(0, 28)),
+         "right half": (slice(0, 28), slice(14, 28))}
+
+
+def hole_mask(n: int, hole: str, side: int = 28) -> Tensor:
+    """The ``known`` mask ``(n, 1, side, side)`` (True: given) with the hole ``hole`` (a key of
+    ``HOLES``, defined on 28 x 28 and scaled to ``side``) unknown."""
+    if hole not in HOLES:
+        raise ValueError(f"unknown hole {hole!r}; expected one of {', '.join(HOLES)}")
+    known = torch.ones(check_positive_int(n, "n"), 1, side, side, dtype=torch.bool)
+    rows, cols = (slice(s.start * side // 28, s.stop * side // 28) for s in HOLES[hole])
+    known[:, :, rows, cols] = False
+    return known
 
 
 def check_known_mask(x: Tensor, known: Tensor) -> Tensor:
@@ -62,6 +78,19 @@ def inpaint_replace(velocity: Callable, x_known: Tensor, known: Tensor, *, nfe: 
                 noise = torch.randn(x.shape, generator=generator, dtype=x.dtype)
                 x = a * x + (t**2 - a**2 * s**2).clamp_min(0).sqrt() * noise
     return torch.where(known, x_known, x)  # at s = 0 the forward sample is x_known itself; exact by construction
+
+
+@torch.no_grad()
+def inpaint_paste(velocity: Callable, x_known: Tensor, known: Tensor, *, nfe: int = 20,
+                  generator: torch.Generator | None = None, **cond) -> Tensor:
+    """The naive baseline: sample freely (Euler, ``nfe`` steps) and paste the known pixels into the
+    result at the end, so the generated part never sees them."""
+    known = check_known_mask(x_known, known)
+    ts = torch.linspace(1.0, 0.0, check_positive_int(nfe, "nfe") + 1, dtype=x_known.dtype)
+    x = torch.randn(x_known.shape, generator=generator, dtype=x_known.dtype)
+    for i in range(nfe):
+        x = x + (ts[i + 1] - ts[i]) * velocity(x, torch.full((x.shape[0],), float(ts[i]), dtype=x.dtype), **cond)
+    return torch.where(known, x_known, x)
 
 
 def _patches(img: Tensor, p: int) -> Tensor:

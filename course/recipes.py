@@ -6,6 +6,8 @@ Importing it registers every chapter's recipe kinds and recipes:
 - ``course.distillation_recipes`` (chapter 07): the progressive-distillation ladder and the one-
   and few-step students;
 - ``course.latent_recipes`` (chapter 08): the autoencoders and latent models;
+- ``course.scaling_recipes`` (chapter 10): DiTs (the scaling grid and the shipped one), SDXL's
+  micro-conditioning and refiner, ControlNet;
 - ``course.text_recipes`` (chapter 09): CLIP from scratch, text-conditioned latent diffusion and
   unCLIP;
 - ``course.autoregressive_recipes`` (chapter 12): MAR on the latent space, Diffusion Forcing and
@@ -21,6 +23,7 @@ from . import (  # noqa: F401  (they register their kinds and recipes)
     autoregressive_recipes,
     distillation_recipes,
     latent_recipes,
+    scaling_recipes,
     text_recipes,
     unclip_recipes,
 )

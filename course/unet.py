@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .dit import MicroConditioning
 from .nets import IntervalEmbedding, LabelEmbedding, SinusoidalTimeEmbedding, interval_embedding
 from .text import masked_mean
 from .transformer import CrossAttention
@@ -87,12 +88,15 @@ class UNet(nn.Module):
             optional padding mask ``context_mask`` (B, L) (chapter 09: a caption's text-encoder
             states): cross-attention from the feature maps at 1/2 and 1/4 resolution to the tokens,
             and their masked mean added to the time embedding (global conditioning).
+        micro_size: > 0 also takes SDXL's micro-conditions ``size`` (B,) and ``crop`` (B, 2) in pixels
+            of images up to ``micro_size`` (chapter 10: :class:`~course.dit.MicroConditioning`, added
+            to the time embedding).
     """
 
     def __init__(self, in_channels: int = 1, channels: tuple[int, int, int] = (32, 64, 64), emb_dim: int = 128,
                  num_classes: int | None = None, groups: int = 8, patch: int = 1,
                  interval: bool = False, cond_channels: int = 0, aug_level: bool = False,
-                 context_dim: int = 0, heads: int = 4):
+                 context_dim: int = 0, heads: int = 4, micro_size: int = 0):
         super().__init__()
         self.in_channels = check_positive_int(in_channels, "in_channels")
         if len(channels) != 3:
@@ -106,6 +110,8 @@ class UNet(nn.Module):
         self.patch = check_positive_int(patch, "patch")
         self.cond_channels = check_positive_int(cond_channels, "cond_channels", allow_zero=True)
         self.aug = nn.Sequential(SinusoidalTimeEmbedding(emb_dim), nn.Linear(emb_dim, emb_dim)) if aug_level else None
+        self.micro_size = check_positive_int(micro_size, "micro_size", allow_zero=True)
+        self.micro = MicroConditioning(emb_dim, max_size=micro_size) if micro_size else None
         self.stem = nn.Sequential(nn.PixelUnshuffle(patch),
                                   nn.Conv2d((in_channels + cond_channels) * patch**2, c0, 3, padding=1))
         self.down0 = ResBlock(c0, c0, emb_dim, groups)
@@ -163,7 +169,8 @@ class UNet(nn.Module):
     def encode(self, x: Tensor, t: Tensor, y: Tensor | None = None, r: Tensor | None = None,
                low_res: Tensor | None = None, aug_level: Tensor | None = None,
                context: Tensor | None = None, context_mask: Tensor | None = None,
-               stem_extra: Tensor | None = None) -> tuple:
+               stem_extra: Tensor | None = None, size: Tensor | None = None,
+               crop: Tensor | None = None) -> tuple:
         """The down path: ``(emb, h0, h1, h_mid, attend)``, the features the up path joins (ControlNet
         runs a trainable copy of exactly this). ``stem_extra`` is added to the stem's output (the
         embedded control image of a ControlNet copy)."""
@@ -178,6 +185,12 @@ class UNet(nn.Module):
         inp, extra = self._conditioning(x, low_res, aug_level)
         if extra is not None:
             emb = emb + extra
+        if self.micro is not None:
+            if size is None or crop is None:
+                raise ValueError("this U-Net is micro-conditioned (micro_size > 0): expected size (B,) and crop (B, 2)")
+            emb = emb + self.micro(size, crop, x.shape[0]).to(x.dtype)
+        elif size is not None or crop is not None:
+            raise ValueError("this U-Net takes no size or crop conditions (micro_size=0)")
         pooled = self._context(x, context, context_mask)
         if pooled is not None:
             emb = emb + pooled
@@ -197,8 +210,10 @@ class UNet(nn.Module):
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None, r: Tensor | None = None,
                 low_res: Tensor | None = None, aug_level: Tensor | None = None,
                 context: Tensor | None = None, context_mask: Tensor | None = None,
-                residuals: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
-        emb, h0, h1, h, attend = self.encode(x, t, y, r, low_res, aug_level, context, context_mask)
+                residuals: tuple[Tensor, Tensor, Tensor] | None = None, size: Tensor | None = None,
+                crop: Tensor | None = None) -> Tensor:
+        emb, h0, h1, h, attend = self.encode(x, t, y, r, low_res, aug_level, context, context_mask, size=size,
+                                             crop=crop)
         if residuals is not None:  # a ControlNet's additions to the skips and the middle (chapter 10)
             if len(residuals) != 3 or any(a.shape != b.shape for a, b in zip(residuals, (h0, h1, h), strict=True)):
                 raise ValueError(f"expected residuals of shapes {tuple(h0.shape)}, {tuple(h1.shape)}, {tuple(h.shape)}")
