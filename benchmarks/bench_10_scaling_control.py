@@ -6,7 +6,7 @@ Usage (COURSE_OFFLINE=1 for the offline MNIST digits):
     python benchmarks/bench_10_scaling_control.py --micro        # shipped micro-conditioned and plain DiT (~2 min)
     python benchmarks/bench_10_scaling_control.py --refiner      # shipped base + refiner, 3 seeds, 10 and 20 steps (~2 min)
     python benchmarks/bench_10_scaling_control.py --controlnet   # shipped ControlNet, strength sweep (~2 min)
-    python benchmarks/bench_10_scaling_control.py --inpainting   # 3 holes x 5 methods on 500 held-out digits (~6 min)
+    python benchmarks/bench_10_scaling_control.py --inpainting   # 3 holes x 6 methods on 500 held-out digits (~4 min)
 
 --scaling: the recipes mnist_dit_{xs,s,m}_p{7,4} and mnist_unet_grid trained from scratch for the
 same number of steps (batch 128), each measured like every generator (w = 1, 20 Euler steps, 100
@@ -25,7 +25,7 @@ maps of 500 held-out digits) and the class accuracy for the labels of those digi
 
 --inpainting: 500 held-out digits (50 per class) with the centre, the bottom half or the right
 half unknown, completed by the naive paste (free sample, known pixels pasted at the end), replacement
-(RePaint's known-pixel replacement, 20 steps) with 1 and 4 resamplings, and PatchMatch (5 x 5
+(RePaint's known-pixel replacement, 20 steps) with 1, 4 and 10 resamplings (RePaint uses 10), and PatchMatch (5 x 5
 patches); the unconditional mnist_cfm_unet (null label) generates. The completions' class accuracy,
 their MNIST-FD against the other 50 per class beside the floor (the originals against them), the
 mean squared error on the hole, and the time per image.
@@ -105,9 +105,10 @@ def refiner_table(seeds=(1, 2, 3)) -> None:
     t_switch = float(get_recipe("mnist_refiner").option("t_switch"))
     labels = eval_labels(False)
     print(f"t_switch = {t_switch}; w = 1; 100 samples per class; mean ± sd over sampling seeds {seeds}")
-    print("| sampler | Euler steps | class accuracy | MNIST-FD | floor | sharpness |")
-    print("|---|---|---|---|---|---|")
+    print("| sampler | Euler steps | class accuracy | MNIST-FD | floor | sharpness | FD change, same seed |")
+    print("|---|---|---|---|---|---|---|")
     for nfe in (10, 20):
+        fds = {}
         for name, ref in (("base alone", None), ("base + refiner", refiner)):
             rows = []
             for seed in seeds:
@@ -119,9 +120,12 @@ def refiner_table(seeds=(1, 2, 3)) -> None:
                 rows.append([m["class_accuracy"], m["mnist_fd"], m["mnist_fd_floor"],
                              float(laplacian_sharpness(samples).mean())])
             r = torch.tensor(rows, dtype=torch.float64)
+            fds[name] = r[:, 1]
             mean, sd = r.mean(0), r.std(0)
+            d = r[:, 1] - fds["base alone"]  # paired: the same seeds, the same initial noise
+            change = "-" if ref is None else f"{d.mean():+.2f} ± {d.std():.2f}"
             print(f"| {name} | {nfe} | {mean[0]:.1%} ± {sd[0]:.1%} | {mean[1]:.2f} ± {sd[1]:.2f} | {mean[2]:.2f} | "
-                  f"{mean[3]:.3f} ± {sd[3]:.3f} |", flush=True)
+                  f"{mean[3]:.3f} ± {sd[3]:.3f} | {change} |", flush=True)
 
 
 @torch.no_grad()
@@ -167,7 +171,8 @@ def inpainting_table() -> None:
                   f"{ms:.1f} |", flush=True)
 
 
-INPAINTERS = ("hole left blank", "naive paste", "replacement", "replacement, 4 resamplings", "PatchMatch")
+INPAINTERS = ("hole left blank", "naive paste", "replacement", "replacement, 4 resamplings",
+              "replacement, 10 resamplings", "PatchMatch")
 
 
 def complete(name: str, field, images, known, gen):
@@ -178,7 +183,8 @@ def complete(name: str, field, images, known, gen):
     if name == "naive paste":
         return inpaint_paste(field, images, known, nfe=20, generator=gen, y=null)
     if name.startswith("replacement"):
-        return inpaint_replace(field, images, known, nfe=20, resample=4 if "4" in name else 1, generator=gen, y=null)
+        resample = int(name.split()[1]) if "resamplings" in name else 1
+        return inpaint_replace(field, images, known, nfe=20, resample=resample, generator=gen, y=null)
     return torch.stack([patchmatch_inpaint(img, k, generator=gen) for img, k in zip(images, known, strict=True)])
 
 
