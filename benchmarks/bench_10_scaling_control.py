@@ -6,7 +6,7 @@ Usage (COURSE_OFFLINE=1 for the offline MNIST digits):
     python benchmarks/bench_10_scaling_control.py --micro        # shipped micro-conditioned and plain DiT (~2 min)
     python benchmarks/bench_10_scaling_control.py --refiner      # shipped base + refiner, 3 seeds, 10 and 20 steps (~2 min)
     python benchmarks/bench_10_scaling_control.py --controlnet   # shipped ControlNet, strength sweep (~2 min)
-    python benchmarks/bench_10_scaling_control.py --inpainting   # 3 holes x 6 methods on 500 held-out digits (~4 min)
+    python benchmarks/bench_10_scaling_control.py --inpainting   # 3 holes x 7 methods on 500 held-out digits (~6 min)
 
 --scaling: the recipes mnist_dit_{xs,s,m}_p{7,4} and mnist_unet_grid trained from scratch for the
 same number of steps (batch 128), each measured like every generator (w = 1, 20 Euler steps, 100
@@ -25,7 +25,8 @@ maps of 500 held-out digits) and the class accuracy for the labels of those digi
 
 --inpainting: 500 held-out digits (50 per class) with the centre, the bottom half or the right
 half unknown, completed by the naive paste (free sample, known pixels pasted at the end), replacement
-(RePaint's known-pixel replacement, 20 steps) with 1, 4 and 10 resamplings (RePaint uses 10), and PatchMatch (5 x 5
+(the known-pixel replacement, 20 steps) with 1, 4 and 10 resamplings after every step, 10 resamplings of stretches
+of 10 steps (RePaint's jump length 10), and PatchMatch (5 x 5
 patches); the unconditional mnist_cfm_unet (null label) generates. The completions' class accuracy,
 their MNIST-FD against the other 50 per class beside the floor (the originals against them), the
 mean squared error on the hole, and the time per image.
@@ -172,7 +173,7 @@ def inpainting_table() -> None:
 
 
 INPAINTERS = ("hole left blank", "naive paste", "replacement", "replacement, 4 resamplings",
-              "replacement, 10 resamplings", "PatchMatch")
+              "replacement, 10 resamplings", "replacement, 10 resamplings, jump 10", "PatchMatch")
 
 
 def complete(name: str, field, images, known, gen):
@@ -184,7 +185,8 @@ def complete(name: str, field, images, known, gen):
         return inpaint_paste(field, images, known, nfe=20, generator=gen, y=null)
     if name.startswith("replacement"):
         resample = int(name.split()[1]) if "resamplings" in name else 1
-        return inpaint_replace(field, images, known, nfe=20, resample=resample, generator=gen, y=null)
+        jump = int(name.split()[-1]) if "jump" in name else 1
+        return inpaint_replace(field, images, known, nfe=20, resample=resample, jump=jump, generator=gen, y=null)
     return torch.stack([patchmatch_inpaint(img, k, generator=gen) for img, k in zip(images, known, strict=True)])
 
 

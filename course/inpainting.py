@@ -59,21 +59,30 @@ def check_known_mask(x: Tensor, known: Tensor) -> Tensor:
 
 @torch.no_grad()
 def inpaint_replace(velocity: Callable, x_known: Tensor, known: Tensor, *, nfe: int = 20, resample: int = 1,
-                    generator: torch.Generator | None = None, **cond) -> Tensor:
+                    jump: int = 1, generator: torch.Generator | None = None, **cond) -> Tensor:
     """Fill the pixels where ``known`` is False with ``velocity(x, t, **cond)``'s flow (Euler,
-    ``nfe`` uniform steps), replacing the known pixels by their forward sample after every step."""
+    ``nfe`` uniform steps), replacing the known pixels by their forward sample after every step.
+
+    ``resample`` > 1 repeats every stretch of ``jump`` steps that many times, noising the whole image
+    back to the stretch's start between repeats (RePaint's schedule: jump length j, r resamplings;
+    the paper uses j = 10, r = 10). ``jump=1`` resamples every single step. Either way the sampler
+    makes ``nfe * resample`` network calls."""
     known = check_known_mask(x_known, known)
     nfe, resample = check_positive_int(nfe, "nfe"), check_positive_int(resample, "resample")
+    jump = check_positive_int(jump, "jump")
     ts = torch.linspace(1.0, 0.0, nfe + 1, dtype=x_known.dtype)
     x = torch.randn(x_known.shape, generator=generator, dtype=x_known.dtype)
     x = torch.where(known, ts[0] * x + (1 - ts[0]) * x_known, x)
-    for i in range(nfe):
-        t, s = ts[i], ts[i + 1]
+    for start in range(0, nfe, jump):
+        end = min(start + jump, nfe)
         for u in range(resample):
-            x = x + (s - t) * velocity(x, torch.full((x.shape[0],), float(t), dtype=x.dtype), **cond)
-            eps = torch.randn(x.shape, generator=generator, dtype=x.dtype)
-            x = torch.where(known, (1 - s) * x_known + s * eps, x)
-            if u < resample - 1:  # back to time t: x_t = a x_s + sqrt(t^2 - a^2 s^2) eps with a = (1 - t) / (1 - s)
+            for i in range(start, end):
+                t, s = ts[i], ts[i + 1]
+                x = x + (s - t) * velocity(x, torch.full((x.shape[0],), float(t), dtype=x.dtype), **cond)
+                eps = torch.randn(x.shape, generator=generator, dtype=x.dtype)
+                x = torch.where(known, (1 - s) * x_known + s * eps, x)
+            if u < resample - 1:  # back to t = ts[start]: x_t = a x_s + sqrt(t^2 - a^2 s^2) eps, a = (1 - t) / (1 - s)
+                t, s = ts[start], ts[end]
                 a = (1 - t) / (1 - s)
                 noise = torch.randn(x.shape, generator=generator, dtype=x.dtype)
                 x = a * x + (t**2 - a**2 * s**2).clamp_min(0).sqrt() * noise

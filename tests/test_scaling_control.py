@@ -171,19 +171,36 @@ def _gaussian_velocity(m, s):
     return v
 
 
-@pytest.mark.parametrize("resample", [1, 3])
-def test_replacement_inpainting_keeps_the_known_pixels_and_samples_the_rest(resample):
+@pytest.mark.parametrize("resample, jump", [(1, 1), (3, 1), (3, 10)])
+def test_replacement_inpainting_keeps_the_known_pixels_and_samples_the_rest(resample, jump):
     g = torch.Generator().manual_seed(0)
     m, s = 0.5, 0.7
     x = m + s * torch.randn(4000, 1, 4, 4, generator=g, dtype=torch.float64)
     known = torch.zeros_like(x, dtype=torch.bool)
     known[..., :2, :] = True
-    out = inpaint_replace(_gaussian_velocity(m, s), x, known, nfe=200, resample=resample, generator=g)
+    out = inpaint_replace(_gaussian_velocity(m, s), x, known, nfe=200, resample=resample, jump=jump, generator=g)
     assert torch.equal(out[known], x[known])
     filled = out[~known]  # pixels independent of the known ones: the marginal N(m, s^2), within 2 % (Euler, 200 steps)
     assert abs(filled.mean().item() - m) < 0.02 and abs(filled.std().item() / s - 1) < 0.02
     with pytest.raises(ValueError, match="boolean mask of the images' shape"):
         inpaint_replace(_gaussian_velocity(m, s), x, known.float())
+
+
+def test_replacement_with_jumps_calls_the_model_nfe_times_resample_in_repeating_stretches():
+    times = []
+
+    def v(x, t):
+        times.append(round(float(t[0]), 6))
+        return torch.zeros_like(x)
+
+    x, known = torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2, dtype=torch.bool)
+    inpaint_replace(v, x, known, nfe=4, resample=2, jump=2)
+    assert times == [1.0, 0.75, 1.0, 0.75, 0.5, 0.25, 0.5, 0.25]  # each stretch of 2 steps twice
+    times.clear()
+    inpaint_replace(v, x, known, nfe=3, resample=2, jump=1)
+    assert times == [1.0, 1.0, 0.666667, 0.666667, 0.333333, 0.333333]
+    with pytest.raises(ValueError, match="jump"):
+        inpaint_replace(v, x, known, jump=0)
 
 
 def test_patchmatch_finds_an_exactly_copied_region():
