@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .utils import check_positive_int
 
-__all__ = ["inpaint_replace", "inpaint_paste", "patchmatch", "patchmatch_inpaint", "check_known_mask", "hole_mask",
+__all__ = ["inpaint_replace", "inpaint_paste", "random_holes", "mask_condition", "inpaint_conditioned", "patchmatch", "patchmatch_inpaint", "check_known_mask", "hole_mask",
            "HOLES"]
 
 # the holes of the chapter's measurements: (rows, columns) slices of a 28 x 28 digit
@@ -87,6 +87,44 @@ def inpaint_replace(velocity: Callable, x_known: Tensor, known: Tensor, *, nfe: 
                 noise = torch.randn(x.shape, generator=generator, dtype=x.dtype)
                 x = a * x + (t**2 - a**2 * s**2).clamp_min(0).sqrt() * noise
     return torch.where(known, x_known, x)  # at s = 0 the forward sample is x_known itself; exact by construction
+
+
+def random_holes(n: int, *, side: int = 28, generator: torch.Generator | None = None) -> Tensor:
+    """Training masks ``(n, 1, side, side)`` (True: known) for a mask-conditioned model: a quarter of
+    them one of ``HOLES`` each, the rest a random rectangle with sides in [side/4, 3 side/5] anywhere."""
+    n = check_positive_int(n, "n")
+    known = torch.ones(n, 1, side, side, dtype=torch.bool)
+    kind = torch.randint(0, 4 * len(HOLES), (n,), generator=generator)
+    size = torch.randint(side // 4, 3 * side // 5 + 1, (n, 2), generator=generator)
+    corner = (torch.rand(n, 2, generator=generator) * (side - size + 1)).long()
+    names = list(HOLES)
+    for i in range(n):
+        if kind[i] < len(HOLES):
+            known[i] = hole_mask(1, names[int(kind[i])], side)[0]
+        else:
+            (r, c), (h, w) = corner[i].tolist(), size[i].tolist()
+            known[i, :, r:r + h, c:c + w] = False
+    return known
+
+
+def mask_condition(x_known: Tensor, known: Tensor) -> Tensor:
+    """The conditioning image of a mask-conditioned model: the known pixels (0 in the hole) and the
+    mask (1 known, -1 hole), ``(N, 2 C, H, W)`` (Stable Diffusion's inpainting model feeds the same)."""
+    known = check_known_mask(x_known, known)
+    return torch.cat([torch.where(known, x_known, 0.0), known.to(x_known.dtype) * 2 - 1], dim=1)
+
+
+@torch.no_grad()
+def inpaint_conditioned(model: Callable, x_known: Tensor, known: Tensor, *, nfe: int = 20,
+                        generator: torch.Generator | None = None) -> Tensor:
+    """Fill the hole with a model trained for it, ``model(x, t, low_res=mask_condition(...))``
+    (Euler, ``nfe`` steps); the known pixels are pasted back at the end."""
+    cond = mask_condition(x_known, known)
+    ts = torch.linspace(1.0, 0.0, check_positive_int(nfe, "nfe") + 1, dtype=x_known.dtype)
+    x = torch.randn(x_known.shape, generator=generator, dtype=x_known.dtype)
+    for i in range(nfe):
+        x = x + (ts[i + 1] - ts[i]) * model(x, torch.full((x.shape[0],), float(ts[i]), dtype=x.dtype), low_res=cond)
+    return torch.where(known, x_known, x)
 
 
 @torch.no_grad()

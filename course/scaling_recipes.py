@@ -15,6 +15,10 @@ refiner, and ControlNet, all on 28x28 MNIST pixels.
 - kind ``refiner``: a class-conditional U-Net trained on low noise levels only
   (:func:`~course.refiner.low_noise_cfm_loss`, t <= ``option("t_switch")``); metrics compare the
   base ``option("base")`` alone with base + refiner at the same number of steps.
+- kind ``inpaint_unet``: ``mnist_inpaint_unet``, a U-Net that takes the known pixels and the mask
+  (:func:`~course.inpainting.mask_condition`) as two more input channels, trained on random holes;
+  metrics: class accuracy of its completions of the chapter's held-out digits for every hole in
+  ``HOLES``.
 - kind ``controlnet``: a :class:`~course.controlnet.ControlNet` on the frozen ``option("base")``
   U-Net, trained on edge maps of the training digits; metrics: edge IoU of the samples' edges with
   the control and class accuracy, beside the base model's for the same labels.
@@ -41,6 +45,7 @@ from .image_recipes import (
     sample_classes,
     sample_metrics,
 )
+from .inpainting import HOLES, hole_mask, inpaint_conditioned, mask_condition, random_holes
 from .ode import sample_flow_euler
 from .recipe_registry import (
     RECIPES,
@@ -281,3 +286,46 @@ register_recipe(Recipe(
     options=(("base", "mnist_cfm_unet"), ("hint_width", 16)),
     description="ControlNet on the frozen mnist_cfm_unet: a trainable copy of its down path joined by zero "
                 "convolutions, controlled by the edge maps of digits"))
+
+
+# ---- mask-conditioned inpainting --------------------------------------------------------------------
+def _build_inpaint(recipe: Recipe) -> nn.Module:
+    return UNet(1, channels=recipe.channels, patch=recipe.patch, cond_channels=2)
+
+
+def _inpaint_loss(recipe, model, context):
+    def loss(model, batch, g):
+        x, _ = batch
+        return cfm_loss(model, x, PATH, generator=g, low_res=mask_condition(x, random_holes(len(x), generator=g)))
+    return loss
+
+
+def inpainting_digits(held_out, fast: bool = False):
+    """The held-out digits the chapter completes: 50 per class (5 in fast mode), seed 3."""
+    return held_out.per_class(5 if fast else 50, generator=torch.Generator().manual_seed(3))
+
+
+@torch.no_grad()
+def _inpaint_metrics(recipe, model, held_out, fast, classifier, context) -> dict:
+    digits = inpainting_digits(held_out, fast)
+    out = {"digits": len(digits), "euler_steps": recipe.eval_nfe}
+    for hole in HOLES:
+        known = hole_mask(len(digits), hole)
+        start = time.perf_counter()
+        filled = inpaint_conditioned(model.eval(), digits.images, known, nfe=recipe.eval_nfe,
+                                     generator=torch.Generator().manual_seed(4))
+        entry = {"ms_per_image": 1000 * (time.perf_counter() - start) / len(digits),
+                 "mse_on_hole": float((filled - digits.images)[~known].pow(2).mean())}
+        if classifier is not None:
+            entry["class_accuracy"] = float((classifier(filled).argmax(1) == digits.labels).double().mean())
+        out[hole] = entry
+    return out
+
+
+register_kind("inpaint_unet", RecipeKind(_build_inpaint, _inpaint_loss, _inpaint_metrics, needs_classifier=True))
+register_recipe(Recipe(
+    "mnist_inpaint_unet", "inpaint_unet", steps=2000, batch_size=128, lr=2e-3, channels=(32, 64, 64), patch=2,
+    fast_steps=2,
+    description="mask-conditioned U-Net for inpainting: the noisy digit plus its known pixels and the mask as two "
+                "more input channels (Stable Diffusion's inpainting model at MNIST scale), unconditional, rectified "
+                "flow, trained on the chapter's holes and random rectangles"))

@@ -11,7 +11,13 @@ from course.dit import degrade
 from course.guidance import classifier_free_guidance
 from course.image_metrics import centre_of_mass, laplacian_sharpness
 from course.image_recipes import sample_classes
-from course.inpainting import hole_mask, inpaint_paste
+from course.inpainting import (
+    hole_mask,
+    inpaint_conditioned,
+    inpaint_paste,
+    mask_condition,
+    random_holes,
+)
 from course.pretrained import load
 from course.recipes import build_model, get_recipe, run_recipe
 from course.scaling_recipes import GRID, centring_offset, edge_iou, micro_conditions, sample_refined
@@ -120,6 +126,8 @@ def test_fast_runs_measure_save_and_load_back(tmp_path):
     assert m["full size, crop (0, 0)"]["class_accuracy"] >= 0 and m["size 8, crop (0, 0)"]["sharpness"] > 0
     m = run_recipe("mnist_refiner", folder=tmp_path, fast=True, progress=False).metrics
     assert set(m) >= {"base alone", "base + refiner"} and m["t_switch"] == 0.3
+    m = run_recipe("mnist_inpaint_unet", folder=tmp_path, fast=True, progress=False).metrics
+    assert set(m) >= {"centre", "bottom half", "right half"} and 0 <= m["centre"]["class_accuracy"] <= 1
     m = run_recipe("mnist_controlnet", folder=tmp_path, fast=True, progress=False).metrics
     assert 0 <= m["controlnet"]["edge_iou"] <= 1 and 0 <= m["base (no control)"]["edge_iou"] <= 1
     net = load("mnist_controlnet", folder=tmp_path, allow_fast=True)
@@ -169,3 +177,28 @@ def test_a_micro_conditioned_unet_needs_its_conditions_and_uses_them():
         plain(x, t, y, **micro_conditions(2, 28, (0, 0)))
     with pytest.raises(ValueError, match="no context, low_res, r or size"):
         ControlNet(net)
+
+
+def test_training_holes_and_the_mask_conditioned_sampler():
+    known = random_holes(400, generator=torch.Generator().manual_seed(0))
+    assert known.shape == (400, 1, 28, 28) and known.dtype == torch.bool
+    hidden = (~known).flatten(1).sum(1)
+    assert (hidden >= 7 * 7).all() and (hidden <= 392).all()  # every mask hides something, at most half
+    named = sum(bool(torch.equal(k, hole_mask(1, h)[0])) for k in known for h in ("centre", "bottom half", "right half"))
+    assert 60 < named < 140  # a quarter of the masks are the chapter's holes
+    x = _digits(20).images
+    k = hole_mask(20, "centre")
+    cond = mask_condition(x, k)
+    assert cond.shape == (20, 2, 28, 28) and (cond[:, :1][~k] == 0).all() and torch.equal(cond[:, :1][k], x[k])
+    assert set(cond[:, 1].unique().tolist()) == {-1.0, 1.0}
+    seen = []
+
+    def model(x_t, t, low_res):
+        seen.append(low_res)
+        return torch.zeros_like(x_t)
+
+    out = inpaint_conditioned(model, x, k, nfe=3, generator=torch.Generator().manual_seed(0))
+    assert len(seen) == 3 and all(torch.equal(s, cond) for s in seen)  # the model sees the known pixels every step
+    assert torch.equal(out[k], x[k])
+    with pytest.raises(ValueError, match="boolean mask"):
+        mask_condition(x, k.float())
