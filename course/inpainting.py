@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .ode import sample_flow_euler
 from .utils import check_positive_int
 
 __all__ = ["inpaint_replace", "inpaint_paste", "random_holes", "mask_condition", "inpaint_conditioned", "patchmatch", "patchmatch_inpaint", "check_known_mask", "hole_mask",
@@ -122,9 +123,7 @@ def inpaint_conditioned(model: Callable, x_known: Tensor, known: Tensor, *, nfe:
     cond = mask_condition(x_known, known)
     ts = torch.linspace(1.0, 0.0, check_positive_int(nfe, "nfe") + 1, dtype=x_known.dtype)
     x = torch.randn(x_known.shape, generator=generator, dtype=x_known.dtype)
-    for i in range(nfe):
-        x = x + (ts[i + 1] - ts[i]) * model(x, torch.full((x.shape[0],), float(ts[i]), dtype=x.dtype), low_res=cond)
-    return torch.where(known, x_known, x)
+    return torch.where(known, x_known, sample_flow_euler(model, x, ts, low_res=cond))
 
 
 @torch.no_grad()
@@ -135,9 +134,7 @@ def inpaint_paste(velocity: Callable, x_known: Tensor, known: Tensor, *, nfe: in
     known = check_known_mask(x_known, known)
     ts = torch.linspace(1.0, 0.0, check_positive_int(nfe, "nfe") + 1, dtype=x_known.dtype)
     x = torch.randn(x_known.shape, generator=generator, dtype=x_known.dtype)
-    for i in range(nfe):
-        x = x + (ts[i + 1] - ts[i]) * velocity(x, torch.full((x.shape[0],), float(ts[i]), dtype=x.dtype), **cond)
-    return torch.where(known, x_known, x)
+    return torch.where(known, x_known, sample_flow_euler(velocity, x, ts, **cond))
 
 
 def _patches(img: Tensor, p: int) -> Tensor:

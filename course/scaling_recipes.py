@@ -39,6 +39,8 @@ from .guidance import classifier_free_guidance
 from .image_metrics import centre_of_mass, laplacian_sharpness
 from .image_recipes import (
     PATH,
+    _build_cfm_unet,
+    _cfm_unet_loss,
     cfm_unet_metrics,
     drop_labels,
     eval_labels,
@@ -98,13 +100,6 @@ def _build_dit(recipe: Recipe) -> nn.Module:
     return DiT(1, 28, recipe.patch, dim=dim, depth=depth, heads=heads, num_classes=10)
 
 
-def _dit_loss(recipe, model, context):
-    def loss(model, batch, g):
-        x, y = batch
-        return cfm_loss(model, x, PATH, generator=g, y=drop_labels(y, recipe.label_dropout, g))
-    return loss
-
-
 def _gflops(model: nn.Module, **cond) -> float:
     x = torch.zeros(1, 1, 28, 28)
     return forward_gflops(model, x, torch.full((1,), 0.5), y=torch.zeros(1, dtype=torch.long), **cond)
@@ -115,7 +110,7 @@ def _dit_metrics(recipe, model, held_out, fast, classifier, context) -> dict:
     return {**cfm_unet_metrics(recipe, model, held_out, fast, classifier, context), "gflops_per_forward": _gflops(model)}
 
 
-register_kind("dit", RecipeKind(_build_dit, _dit_loss, _dit_metrics, needs_classifier=True))
+register_kind("dit", RecipeKind(_build_dit, _cfm_unet_loss, _dit_metrics, needs_classifier=True))
 for _size in ("xs", "s", "m"):
     for _patch in (7, 4):
         register_recipe(Recipe(
@@ -181,10 +176,6 @@ for _name, _micro in (("mnist_unet_micro", True), ("mnist_unet_degraded", False)
 
 
 # ---- refiner ----------------------------------------------------------------------------------------
-def _build_refiner(recipe: Recipe) -> nn.Module:
-    return UNet(1, channels=recipe.channels, num_classes=10, patch=recipe.patch)
-
-
 def _base_name(recipe: Recipe) -> str:
     name = recipe.option("base")
     if name not in RECIPES or RECIPES[name].kind != "cfm_unet":
@@ -233,7 +224,7 @@ def _refiner_metrics(recipe, model, held_out, fast, classifier, context) -> dict
     return out
 
 
-register_kind("refiner", RecipeKind(_build_refiner, _refiner_loss, _refiner_metrics, _prepare_with_base,
+register_kind("refiner", RecipeKind(_build_cfm_unet, _refiner_loss, _refiner_metrics, _prepare_with_base,
                                     needs_classifier=True))
 register_recipe(Recipe(
     "mnist_refiner", "refiner", steps=1500, batch_size=128, lr=2e-3, channels=(32, 64, 64), patch=2, fast_steps=2,
