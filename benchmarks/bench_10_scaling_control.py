@@ -6,7 +6,7 @@ Usage (COURSE_OFFLINE=1 for the offline MNIST digits):
     python benchmarks/bench_10_scaling_control.py --micro        # shipped micro-conditioned and plain DiT (~2 min)
     python benchmarks/bench_10_scaling_control.py --refiner      # shipped base + refiner, 3 seeds, 10 and 20 steps (~2 min)
     python benchmarks/bench_10_scaling_control.py --controlnet   # shipped ControlNet, strength sweep (~2 min)
-    python benchmarks/bench_10_scaling_control.py --inpainting   # 3 holes x 7 methods on 500 held-out digits (~6 min)
+    python benchmarks/bench_10_scaling_control.py --inpainting   # 3 holes x 8 methods on 500 held-out digits (~6 min)
 
 --scaling: the recipes mnist_dit_{xs,s,m}_p{7,4} and mnist_unet_grid trained from scratch for the
 same number of steps (batch 128), each measured like every generator (w = 1, 20 Euler steps, 100
@@ -26,8 +26,9 @@ maps of 500 held-out digits) and the class accuracy for the labels of those digi
 --inpainting: 500 held-out digits (50 per class) with the centre, the bottom half or the right
 half unknown, completed by the naive paste (free sample, known pixels pasted at the end), replacement
 (the known-pixel replacement, 20 steps) with 1, 4 and 10 resamplings after every step, 10 resamplings of stretches
-of 10 steps (RePaint's jump length 10), and PatchMatch (5 x 5
-patches); the unconditional mnist_cfm_unet (null label) generates. The completions' class accuracy,
+of 10 steps (RePaint's jump length 10), the mask-conditioned U-Net mnist_inpaint_unet (trained on
+holes, 20 steps), and PatchMatch (5 x 5 patches); the unconditional mnist_cfm_unet (null label)
+generates for the paste and the replacements. The completions' class accuracy,
 their MNIST-FD against the other 50 per class beside the floor (the originals against them), the
 mean squared error on the hole, and the time per image.
 """
@@ -48,7 +49,7 @@ from course.image_metrics import (
     laplacian_sharpness,
 )
 from course.image_recipes import eval_labels, sample_classes, sample_metrics
-from course.inpainting import HOLES, hole_mask, inpaint_paste, inpaint_replace, patchmatch_inpaint
+from course.inpainting import HOLES, hole_mask, inpaint_conditioned, inpaint_paste, inpaint_replace, patchmatch_inpaint
 from course.pretrained import load
 from course.recipe_registry import get_recipe, load_data, run_recipe
 from course.scaling_recipes import GRID, centring_offset, edge_iou, micro_conditions, sample_refined
@@ -173,7 +174,8 @@ def inpainting_table() -> None:
 
 
 INPAINTERS = ("hole left blank", "naive paste", "replacement", "replacement, 4 resamplings",
-              "replacement, 10 resamplings", "replacement, 10 resamplings, jump 10", "PatchMatch")
+              "replacement, 10 resamplings", "replacement, 10 resamplings, jump 10", "mask-conditioned U-Net",
+              "PatchMatch")
 
 
 def complete(name: str, field, images, known, gen):
@@ -187,6 +189,8 @@ def complete(name: str, field, images, known, gen):
         resample = int(name.split()[1]) if "resamplings" in name else 1
         jump = int(name.split()[-1]) if "jump" in name else 1
         return inpaint_replace(field, images, known, nfe=20, resample=resample, jump=jump, generator=gen, y=null)
+    if name == "mask-conditioned U-Net":
+        return inpaint_conditioned(load("mnist_inpaint_unet"), images, known, nfe=20, generator=gen)
     return torch.stack([patchmatch_inpaint(img, k, generator=gen) for img, k in zip(images, known, strict=True)])
 
 
