@@ -49,7 +49,14 @@ from course.image_metrics import (
     laplacian_sharpness,
 )
 from course.image_recipes import eval_labels, sample_classes, sample_metrics
-from course.inpainting import HOLES, hole_mask, inpaint_conditioned, inpaint_paste, inpaint_replace, patchmatch_inpaint
+from course.inpainting import (
+    HOLES,
+    hole_mask,
+    inpaint_conditioned,
+    inpaint_paste,
+    inpaint_replace,
+    patchmatch_inpaint,
+)
 from course.pretrained import load
 from course.recipe_registry import get_recipe, load_data, run_recipe
 from course.scaling_recipes import GRID, centring_offset, edge_iou, micro_conditions, sample_refined

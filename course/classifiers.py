@@ -46,8 +46,12 @@ class ConvClassifier(nn.Module):
         self.fc = nn.Linear(2 * w * 4 * 4, feature_dim)
         self.out = nn.Linear(feature_dim, check_positive_int(num_classes, "num_classes"))
 
-    def features(self, x: Tensor, t: Tensor | None = None) -> Tensor:
-        """The ``(B, feature_dim)`` features the logits are computed from."""
+    def feature_maps(self, x: Tensor, t: Tensor | None = None) -> list[Tensor]:
+        """The two stages' outputs, ``(B, w, 28, 28)`` and ``(B, 2w, 14, 14)`` for MNIST: the
+        layers chapter 11's perceptual distance compares."""
+        return self._stages(x, t)
+
+    def _stages(self, x: Tensor, t: Tensor | None) -> list[Tensor]:
         check_batch(x, ndim=4)
         if x.shape[1] != self.in_channels:
             raise ValueError(f"expected x with {self.in_channels} channel(s); got shape {tuple(x.shape)}")
@@ -58,13 +62,18 @@ class ConvClassifier(nn.Module):
             emb = self.time(t.to(x.dtype))
         elif t is not None:
             raise ValueError("this classifier reads clean images only; got a time t")
-        h = x
+        h, maps = x, []
         for i, stage in enumerate(self.conv):
             h = stage(h)
             if self.time_conditional:
                 scale, shift = self.film[i](emb)[:, :, None, None].chunk(2, dim=1)
                 h = h * (1 + scale) + shift
-        h = F.adaptive_avg_pool2d(h, 4).flatten(1)  # (B, 2w * 16)
+            maps.append(h)
+        return maps
+
+    def features(self, x: Tensor, t: Tensor | None = None) -> Tensor:
+        """The ``(B, feature_dim)`` features the logits are computed from."""
+        h = F.adaptive_avg_pool2d(self._stages(x, t)[-1], 4).flatten(1)  # (B, 2w * 16)
         return F.silu(self.fc(h))
 
     def forward(self, x: Tensor, t: Tensor | None = None) -> Tensor:

@@ -157,3 +157,27 @@ def centre_of_mass(images: Tensor) -> Tensor:
     rows = torch.arange(p.shape[1], dtype=p.dtype)
     cols = torch.arange(p.shape[2], dtype=p.dtype)
     return torch.stack([(p.sum(2) * rows).sum(1) / mass, (p.sum(1) * cols).sum(1) / mass], dim=1)
+
+
+@torch.no_grad()
+def evaluate_unconditional(classifier: nn.Module, samples: Tensor, held_out, *, n_fd: int = 500,
+                           generator: torch.Generator | None = None) -> dict:
+    """An unconditional generator's quality and coverage: MNIST-FD of the first ``n_fd`` samples
+    against a balanced held-out set B of ``n_fd`` beside the floor FD(A, B) of a disjoint one; the
+    share of all samples the classifier assigns to each class (mode collapse drops classes);
+    the smallest share and the number of classes with at least 5 %; diversity, the mean pairwise
+    feature distance of the samples over that of B."""
+    k = len(held_out.classes)
+    if n_fd % k or samples.shape[0] < n_fd:
+        raise ValueError(f"expected n_fd divisible by {k} and at least n_fd = {n_fd} samples; got {samples.shape[0]}")
+    both = held_out.per_class(2 * n_fd // k, generator=generator)
+    idx = torch.arange(len(both)).reshape(k, 2 * n_fd // k)
+    a, b = idx[:, :n_fd // k].flatten(), idx[:, n_fd // k:].flatten()
+    f_ref, f_gen = classifier_features(classifier, both.images), classifier_features(classifier, samples)
+    classifier.eval()
+    pred = torch.cat([classifier(x).argmax(1) for x in samples.split(500)])
+    shares = torch.bincount(pred, minlength=k).double() / len(pred)
+    return {"mnist_fd": feature_fd(f_gen[:n_fd], f_ref[b]), "mnist_fd_floor": feature_fd(f_ref[a], f_ref[b]),
+            "class_shares": [round(float(s), 4) for s in shares], "min_class_share": float(shares.min()),
+            "classes_at_least_5_percent": int((shares >= 0.05).sum()),
+            "diversity": _mean_pairwise(f_gen[:n_fd]) / _mean_pairwise(f_ref[b]), "fd_samples": n_fd}

@@ -207,7 +207,8 @@ def run_recipe(name: str, *, folder: str | Path | None = None, fast: bool | None
     if kind.dataset is not None:
         tensors = kind.dataset(recipe, *tensors, context)
     steps = recipe.fast_steps if fast else recipe.steps
-    config = TrainConfig(steps=steps, batch_size=recipe.batch_size, lr=recipe.lr, ema_decay=recipe.ema_decay)
+    config = TrainConfig(steps=steps, batch_size=recipe.batch_size, lr=recipe.lr, ema_decay=recipe.ema_decay,
+                         betas=tuple(recipe.option("adam_betas", (0.9, 0.999))))
     res = train(model, kind.loss(recipe, model, context), tensors, config, generator=gen, progress=progress)
     trained = res.ema_model
     if kind.finish is not None:

@@ -8,6 +8,8 @@ Importing it registers every chapter's recipe kinds and recipes:
 - ``course.latent_recipes`` (chapter 08): the autoencoders and latent models;
 - ``course.scaling_recipes`` (chapter 10): DiTs (the scaling grid and the shipped one), SDXL's
   micro-conditioning and refiner, ControlNet;
+- ``course.gan_recipes`` (chapter 11): GANs with and without Diffusion-GAN's augmentation, and the
+  adversarial one-step students (ADD, LADD, Diffusion2GAN) with their ablations;
 - ``course.text_recipes`` (chapter 09): CLIP from scratch, text-conditioned latent diffusion and
   unCLIP;
 - ``course.autoregressive_recipes`` (chapter 12): MAR on the latent space, Diffusion Forcing and
@@ -22,6 +24,7 @@ from __future__ import annotations
 from . import (  # noqa: F401  (they register their kinds and recipes)
     autoregressive_recipes,
     distillation_recipes,
+    gan_recipes,
     latent_recipes,
     scaling_recipes,
     text_recipes,

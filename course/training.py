@@ -41,6 +41,7 @@ class TrainConfig:
     cosine_decay: bool = True
     eval_every: int = 0  # 0: never call eval_fn during training
     time_limit: float | None = None  # seconds; stop early when reached
+    betas: tuple[float, float] = (0.9, 0.999)  # Adam's; GANs use a smaller first one
 
     def __post_init__(self):
         check_positive_int(self.steps, "steps")
@@ -49,6 +50,8 @@ class TrainConfig:
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"expected 0 <= ema_decay < 1; got {self.ema_decay}")
         check_positive_int(self.eval_every, "eval_every", allow_zero=True)
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"expected Adam betas as two numbers in [0, 1); got {self.betas}")
 
 
 @dataclass
@@ -126,7 +129,7 @@ def train(model: nn.Module, loss_fn: Callable, data, config: TrainConfig, *,
     model.to(device).train()
     ema = AveragedModel(model, multi_avg_fn=ema_update(config.ema_decay, warmup=config.ema_warmup),
                         use_buffers=True)
-    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
+    opt = torch.optim.Adam(model.parameters(), lr=config.lr, betas=tuple(config.betas))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, config.steps) if config.cosine_decay else None
     next_batch = _batches(data, config.batch_size, generator, device)
     result = TrainResult(model=model, ema_model=ema.module)

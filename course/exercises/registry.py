@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from . import ch01, ch02, ch03, ch04, ch05, ch06, ch07, ch08, ch09, ch10, ch12
+from . import ch01, ch02, ch03, ch04, ch05, ch06, ch07, ch08, ch09, ch10, ch11, ch12
 from .provenance import reference_use
 from .verdict import CheckResult
 
@@ -105,6 +105,12 @@ CHAPTERS: dict[str, tuple[Exercise, ...]] = {
         Exercise("10.2", "patchify and unpatchify", ("patchify", "unpatchify"), ch10.check_patchify),
         Exercise("10.3", "one PatchMatch propagation sweep", ("propagate",), ch10.check_propagate),
     ),
+    "11_diffusion_and_gans": (
+        Exercise("11.1", "Diffusion-GAN's discriminator input", ("diffusion_augment",), ch11.check_diffusion_augment),
+        Exercise("11.2", "the LPIPS distance", ("lpips",), ch11.check_lpips),
+        Exercise("11.3", "ADD's distillation loss", ("add_distillation_loss",), ch11.check_add_distillation_loss),
+        Exercise("11.4", "the R1 penalty", ("r1_penalty",), ch11.check_r1_penalty),
+    ),
     "12_autoregressive_diffusion": (
         Exercise("12.1", "the diffusion loss of a token given z", ("diffusion_loss",), ch12.check_diffusion_loss),
         Exercise("12.2", "which tokens a MAR step reveals", ("reveal_next",), ch12.check_reveal_next),
@@ -145,6 +151,8 @@ REFERENCES: dict[str, tuple[str, ...]] = {
     "9.4": ("course.captions",),
     "10.1": ("course.transformer", "course.dit"), "10.2": ("course.transformer", "course.dit"),
     "10.3": ("course.inpainting",),
+    "11.1": ("course.gan",), "11.2": ("course.perceptual",), "11.3": ("course.adversarial",),
+    "11.4": ("course.gan",),
     "12.1": ("course.autoregressive", "course.flow_matching"), "12.2": ("course.autoregressive",),
     "12.3": ("course.diffusion_forcing",), "12.4": ("course.diffusion_forcing", "course.autoregressive"),
 }

@@ -1,0 +1,182 @@
+"""Chapter 11 benchmark: the plain GAN against Diffusion-GAN over seeds, the 2AFC agreement of
+perceptual distances, and the one-step table.
+
+Usage (COURSE_OFFLINE=1 for the offline MNIST digits):
+    python benchmarks/bench_11_gans.py --diffusion-gan   # mnist_gan and mnist_diffusion_gan, seeds 0-2 (~15 min)
+    python benchmarks/bench_11_gans.py --perceptual      # 2AFC agreement of 8 distances (~2 min)
+    python benchmarks/bench_11_gans.py --one-step        # every shipped one-step model, one evaluation (~3 min)
+
+--diffusion-gan: both recipes trained from scratch with seeds 0, 1, 2 for the same steps (the
+augmentation costs no network call, so equal steps are equal CPU minutes, printed): MNIST-FD of
+500 samples against 500 balanced held-out digits beside the floor, the share of samples the
+evaluation classifier gives each class (the smallest, and how many classes have >= 5 %), diversity,
+and the raw generator's FD during training (10 snapshots).
+
+--perceptual: triplets (a held-out digit, two random distortions of it) judged by the chamfer
+distance between the ink (course.perceptual); 2 000 triplets of the first 500 held-out digits
+calibrate, 1 000 triplets of the other 500 are scored. Distances: pixel L2, 1 - SSIM, LPIPS on a
+randomly initialised classifier, on the noisy classifier (t = 0) and on the evaluation classifier,
+each raw (all weights 1) and calibrated.
+
+--one-step: the teacher mnist_cfm_unet at 1, 2, 4 and 20 Euler steps (w = 1), the chapter-07
+consistency student, ADD (1, 2, 4 steps) and its distillation-only ablation, LADD, Diffusion2GAN
+and its no-GAN ablation, and the two unconditional GANs, all on one evaluation: 100 samples per
+class (the GANs: 1 000 unconditional samples), MNIST-FD on 50 per class against the same 500
+held-out digits, class accuracy, diversity, images per second, training CPU-minutes (manifest).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from dataclasses import replace
+
+import torch
+
+from course.classifiers import ConvClassifier
+from course.gan import sample_generator
+from course.gan_recipes import noisy_feature_maps, sample_one_step
+from course.image_metrics import evaluate_unconditional
+from course.image_recipes import eval_labels, sample_classes, sample_metrics
+from course.perceptual import (
+    PerceptualDistance,
+    calibrate,
+    make_triplets,
+    pixel_l2,
+    ssim_distance,
+    two_afc_agreement,
+)
+from course.pretrained import load, manifest
+from course.recipe_registry import RECIPES, get_recipe, load_data, run_recipe
+
+SEEDS = (0, 1, 2)
+
+
+def _held_out():
+    return load_data(get_recipe("mnist_cfm_unet"), "test", verbose=False)
+
+
+def diffusion_gan_table() -> None:
+    print("| recipe | seed | train s | MNIST-FD | floor | smallest class share | classes >= 5 % | diversity | "
+          "final t_max | raw-generator FD during training |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    summary = {}
+    for name in ("mnist_gan", "mnist_diffusion_gan"):
+        for seed in SEEDS:
+            variant = f"{name}_seed{seed}"
+            RECIPES.setdefault(variant, replace(get_recipe(name), name=variant, seed=seed))
+            result = run_recipe(variant, save=False, progress=False)
+            m = result.metrics
+            summary.setdefault(name, []).append(m["mnist_fd"])
+            curve = " ".join(f"{fd:.0f}" for _, fd, _ in m["fd_curve_raw_generator"])
+            print(f"| {name} | {seed} | {result.seconds:.0f} | {m['mnist_fd']:.2f} | {m['mnist_fd_floor']:.2f} | "
+                  f"{m['min_class_share']:.1%} | {m['classes_at_least_5_percent']} | {m['diversity']:.2f} | "
+                  f"{m.get('final_t_max', 0.0):.3f} | {curve} |", flush=True)
+    for name, fds in summary.items():
+        print(f"{name}: MNIST-FD mean {statistics.mean(fds):.2f}, spread (sd) {statistics.stdev(fds):.2f} over "
+              f"seeds {SEEDS}")
+
+
+def perceptual_table() -> None:
+    held_out = _held_out()
+    gen = torch.Generator().manual_seed(0)
+    order = torch.randperm(len(held_out), generator=gen)
+    fit_digits, test_digits = held_out.images[order[:500]], held_out.images[order[500:]]
+    start = time.perf_counter()
+    fit = make_triplets(fit_digits, 2000, generator=torch.Generator().manual_seed(1))
+    test = make_triplets(test_digits, 1000, generator=torch.Generator().manual_seed(2))
+    print(f"2AFC triplets: 2 000 to calibrate, 1 000 held out (other digits), judged by the chamfer distance, "
+          f"margin 25 % ({time.perf_counter() - start:.0f} s); share where the judge prefers x1: "
+          f"{float(test.judge.mean()):.1%}")
+    torch.manual_seed(0)
+    random_net = ConvClassifier(1, 10, width=16).eval()
+    noisy, evaluation = load("mnist_noisy_classifier"), load("mnist_classifier")
+    nets = {"random network": random_net.feature_maps, "noisy classifier (t = 0)": noisy_feature_maps(noisy),
+            "evaluation classifier": evaluation.feature_maps}
+    print("| distance | calibrated | 2AFC agreement (held-out triplets) |")
+    print("|---|---|---|")
+    print(f"| pixel L2 | - | {two_afc_agreement(pixel_l2, test):.1%} |")
+    print(f"| 1 - SSIM | - | {two_afc_agreement(ssim_distance, test):.1%} |", flush=True)
+    for name, feats in nets.items():
+        with torch.no_grad():
+            channels = [m.shape[1] for m in feats(test.ref[:1])]
+        dist = PerceptualDistance(lambda x, f=feats: f(x), channels)
+        print(f"| LPIPS, {name} | raw | {two_afc_agreement(dist, test):.1%} |", flush=True)
+        calibrate(dist, fit, steps=300)
+        print(f"| LPIPS, {name} | yes | {two_afc_agreement(dist, test):.1%} |", flush=True)
+
+
+ONE_STEP = [("teacher mnist_cfm_unet", "mnist_cfm_unet", n) for n in (1, 2, 4, 20)] + [
+    ("consistency (ch. 07)", "mnist_cd_student", 1), ("consistency (ch. 07)", "mnist_cd_student", 2),
+    ("ADD", "mnist_add", 1), ("ADD", "mnist_add", 2), ("ADD", "mnist_add", 4),
+    ("ADD, distillation only", "mnist_add_distill_only", 1), ("LADD", "mnist_ladd", 1), ("LADD", "mnist_ladd", 4),
+    ("Diffusion2GAN", "mnist_d2g", 1), ("Diffusion2GAN, no GAN loss", "mnist_d2g_no_gan", 1),
+    ("GAN (unconditional)", "mnist_gan", 1), ("Diffusion-GAN (unconditional)", "mnist_diffusion_gan", 1)]
+
+
+@torch.no_grad()
+def one_step_table() -> None:
+    from course.consistency import consistency_grid, sample_consistency
+    from course.distillation_recipes import CD_SECOND_INDEX, T_MIN
+    from course.image_recipes import PATH
+
+    held_out, classifier, entries = _held_out(), load("mnist_classifier"), manifest()
+    labels = eval_labels(False)
+    print("| method | recipe | NFE | class accuracy | MNIST-FD | floor | diversity | images / s | train CPU-min |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for title, name, nfe in ONE_STEP:
+        if name not in entries:
+            print(f"| {title} | {name} | {nfe} | (not shipped) | | | | | |")
+            continue
+        model, gen = load(name), torch.Generator().manual_seed(1)
+        start = time.perf_counter()
+        if get_recipe(name).kind == "gan":
+            samples = sample_generator(model, 1000, rng=gen)
+            seconds = time.perf_counter() - start
+            q = evaluate_unconditional(classifier, samples, held_out, n_fd=500, generator=torch.Generator().manual_seed(1))
+            row = (f"- ({q['classes_at_least_5_percent']} classes >= 5 %)", q["mnist_fd"], q["mnist_fd_floor"],
+                   q["diversity"], 1000 / seconds)
+        else:
+            if name == "mnist_cfm_unet":
+                samples = sample_classes(model, labels, w=1.0, nfe=nfe, generator=gen)
+                calls = 2 * nfe
+            elif name == "mnist_cd_student":
+                grid = consistency_grid(18, t_min=T_MIN)
+                ts = [1.0] if nfe == 1 else [1.0, float(grid[CD_SECOND_INDEX])]
+                x1 = torch.randn((len(labels), 1, 28, 28), generator=gen)
+                samples = torch.cat([sample_consistency(model, a, torch.tensor(ts), path=PATH, t_min=T_MIN, generator=gen,
+                                                        y=b) for a, b in zip(x1.split(500), labels.split(500),
+                                                                             strict=True)])
+                calls = nfe
+            else:
+                samples = sample_one_step(model, labels, steps=nfe, generator=gen)
+                calls = nfe
+            m = sample_metrics(classifier, samples, labels, held_out, time.perf_counter() - start, calls,
+                               generator=torch.Generator().manual_seed(1))
+            nfe = calls
+            row = (f"{m['class_accuracy']:.1%}", m["mnist_fd"], m["mnist_fd_floor"], m["diversity"],
+                   m["samples_per_second"])
+        minutes = entries[name]["train_seconds"] / 60
+        print(f"| {title} | {name} | {nfe} | {row[0]} | {row[1]:.2f} | {row[2]:.2f} | {row[3]:.2f} | {row[4]:.0f} | "
+              f"{minutes:.1f} |", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    modes = ("diffusion-gan", "perceptual", "one-step")
+    for mode in modes:
+        parser.add_argument(f"--{mode}", action="store_true")
+    args = parser.parse_args()
+    chosen = [m for m in modes if getattr(args, m.replace("-", "_"))]
+    if not chosen:
+        parser.error("choose at least one of " + ", ".join(f"--{m}" for m in modes))
+    torch.manual_seed(0)
+    print(f"{torch.get_num_threads()} threads")
+    tables = {"diffusion-gan": diffusion_gan_table, "perceptual": perceptual_table, "one-step": one_step_table}
+    for mode in chosen:
+        tables[mode]()
+
+
+if __name__ == "__main__":
+    main()
