@@ -46,12 +46,13 @@ class ConvClassifier(nn.Module):
         self.fc = nn.Linear(2 * w * 4 * 4, feature_dim)
         self.out = nn.Linear(feature_dim, check_positive_int(num_classes, "num_classes"))
 
-    def feature_maps(self, x: Tensor, t: Tensor | None = None) -> list[Tensor]:
-        """The two stages' outputs, ``(B, w, 28, 28)`` and ``(B, 2w, 14, 14)`` for MNIST: the
-        layers chapter 11's perceptual distance compares."""
-        return self._stages(x, t)
+    def feature_maps(self, x: Tensor, t: Tensor | None = None, *, every_conv: bool = False) -> list[Tensor]:
+        """The two stages' outputs, ``(B, w, 28, 28)`` and ``(B, 2w, 14, 14)`` for MNIST; with
+        ``every_conv`` the output of every convolution's activation, four maps (w, w, 2w, 2w
+        channels), as LPIPS reads every layer of its network."""
+        return self._stages(x, t, every_conv=every_conv)
 
-    def _stages(self, x: Tensor, t: Tensor | None) -> list[Tensor]:
+    def _stages(self, x: Tensor, t: Tensor | None, *, every_conv: bool = False) -> list[Tensor]:
         check_batch(x, ndim=4)
         if x.shape[1] != self.in_channels:
             raise ValueError(f"expected x with {self.in_channels} channel(s); got shape {tuple(x.shape)}")
@@ -64,7 +65,12 @@ class ConvClassifier(nn.Module):
             raise ValueError("this classifier reads clean images only; got a time t")
         h, maps = x, []
         for i, stage in enumerate(self.conv):
-            h = stage(h)
+            if every_conv:
+                h = stage[:3](h)  # the first convolution, its norm and activation
+                maps.append(h)
+                h = stage[3:](h)
+            else:
+                h = stage(h)
             if self.time_conditional:
                 scale, shift = self.film[i](emb)[:, :, None, None].chunk(2, dim=1)
                 h = h * (1 + scale) + shift

@@ -158,20 +158,21 @@ def _gan_metrics(recipe, model, held_out, fast, classifier, context) -> dict:
 
 
 # ---- the one-step students --------------------------------------------------------------------------------
-def noisy_feature_maps(noisy: nn.Module):
-    """The noisy classifier's two stage outputs at t = 0 as a feature network ``f(x, t, y)``
-    (ADD's frozen feature network; ``t`` and ``y`` are ignored)."""
+def noisy_feature_maps(noisy: nn.Module, *, every_conv: bool = False):
+    """The noisy classifier's feature maps at t = 0 as a feature network ``f(x, t, y)`` (``t`` and
+    ``y`` are ignored): its two stage outputs (ADD's frozen feature network) or, with
+    ``every_conv``, all four convolutions' (the perceptual distance)."""
     def features(x: Tensor, t: Tensor | None = None, y: Tensor | None = None) -> list[Tensor]:
-        return noisy.feature_maps(x, torch.zeros(x.shape[0], dtype=x.dtype))
+        return noisy.feature_maps(x, torch.zeros(x.shape[0], dtype=x.dtype), every_conv=every_conv)
     return features
 
 
 def calibrated_distance(noisy: nn.Module, images: Tensor, *, n: int = 2000, seed: int = 0,
                         steps: int = 300) -> PerceptualDistance:
-    """LPIPS on the noisy classifier's features (t = 0), calibrated on ``n`` 2AFC triplets of
-    ``images`` (:func:`course.perceptual.make_triplets`): the perceptual loss of Diffusion2GAN."""
+    """LPIPS on the noisy classifier's four convolutions (t = 0), calibrated on ``n`` 2AFC triplets
+    of ``images`` (:func:`course.perceptual.make_triplets`): the perceptual loss of Diffusion2GAN."""
     noisy.requires_grad_(False).eval()
-    feats = noisy_feature_maps(noisy)
+    feats = noisy_feature_maps(noisy, every_conv=True)
     channels = [m.shape[1] for m in feats(images[:1])]
     dist = PerceptualDistance(lambda x: feats(x), channels)
     calibrate(dist, make_triplets(images, n, generator=torch.Generator().manual_seed(seed)), steps=steps)

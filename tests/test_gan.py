@@ -393,3 +393,12 @@ def test_unconditional_evaluation_sees_mode_collapse():
     assert c["mnist_fd"] > 10 * q["mnist_fd"] and c["diversity"] < 0.8
     with pytest.raises(ValueError, match="divisible"):
         evaluate_unconditional(classifier, ones, held, n_fd=105)
+
+
+def test_every_conv_feature_maps_include_the_stage_outputs():
+    net = _net()
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        stages, every = net.feature_maps(x), net.feature_maps(x, every_conv=True)
+    assert [m.shape[1] for m in every] == [8, 8, 16, 16] and [m.shape[-1] for m in every] == [28, 28, 14, 14]
+    assert torch.equal(every[1], stages[0]) and torch.equal(every[3], stages[1])
