@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -127,10 +128,40 @@ def _train(args) -> int:
     if args.name not in RECIPES:
         print(f"error: unknown recipe {args.name!r}; known recipes: {', '.join(RECIPES)}", file=sys.stderr)
         return 2
-    result = run_recipe(args.name, folder=args.out, fast=True if args.fast else None)
-    print(f"trained {args.name} in {result.seconds:.1f} s; wrote {result.path}")
-    for key, value in result.metrics.items():
-        print(f"  {key}: {value:.4g}" if isinstance(value, float) else f"  {key}: {value}")
+    import torch
+
+    from . import distributed
+    from .recipe_registry import state_path_for
+
+    try:
+        info, device = distributed.init(args.device)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    precision = args.precision
+    if precision == "auto":  # bf16 autocast where the GPU supports it; float32 on CPUs
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if args.resume and not state_path_for(args.name, args.out).is_file():
+        print(f"error: no training state to resume at {state_path_for(args.name, args.out)}; "
+              "start without --resume", file=sys.stderr)
+        return 2
+    if device.type == "cpu" and info.active:  # the cores are shared between the processes
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    try:
+        result = run_recipe(args.name, folder=args.out, fast=True if args.fast else None, device=device,
+                            steps=args.steps, minutes=args.minutes, data=args.data, precision=precision,
+                            shards=args.shards, resume=args.resume, state_every=args.state_every)
+    except (ValueError, RuntimeError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        distributed.shutdown()
+    if info.is_main:
+        where = f"{info.world_size} processes on {device.type}" if info.active else str(device)
+        print(f"trained {args.name} in {result.seconds:.1f} s ({where}, {precision}); "
+              f"wrote {result.path}")
+        for key, value in result.metrics.items():
+            print(f"  {key}: {value:.4g}" if isinstance(value, float) else f"  {key}: {value}")
     return 0
 
 
@@ -189,6 +220,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="recipe name, e.g. mnist_classifier")
     p.add_argument("--out", default=None, help="checkpoint folder (default: the course's checkpoints/)")
     p.add_argument("--fast", action="store_true", help="a few steps only (as under COURSE_FAST=1)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default: the best one here)")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="bf16 autocast or float32 (default auto: bf16 on GPUs that support it, else fp32)")
+    p.add_argument("--steps", type=int, default=None, help="train this many steps instead of the recipe's")
+    p.add_argument("--minutes", type=float, default=None, help="stop after this many minutes of training")
+    p.add_argument("--data", default=None, choices=("full", "subset"),
+                   help="full: the whole dataset (60 000 MNIST digits; an error where unavailable); "
+                        "subset: the offline 4 000 (default: COURSE_OFFLINE decides)")
+    p.add_argument("--shards", type=int, default=None,
+                   help="draw every batch as this many shards (default: one per process; "
+                        "one process with --shards N reproduces N processes)")
+    p.add_argument("--resume", action="store_true", help="continue a killed run from its training state")
+    p.add_argument("--state-every", type=int, default=None,
+                   help="write the resumable training state every this many steps (default: 5 %% of the run, >= 50)")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("doctor", help="check that this environment can run the course")

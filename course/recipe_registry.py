@@ -16,24 +16,27 @@ way: registry <- kind modules <- ``course.recipes`` <- ``course.pretrained``.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import os
 import platform
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from . import distributed
 from .datasets import ImageData, load_cifar10, load_mnist
 from .training import CheckpointError, TrainConfig, load_checkpoint, save_checkpoint, train
-from .utils import check_positive_int, fast_mode
+from .utils import check_positive, check_positive_int, fast_mode
 
 __all__ = ["Recipe", "RecipeKind", "RECIPES", "KINDS", "DATASETS", "IMAGE_SHAPES", "register_kind", "register_recipe", "get_recipe",
            "build_model", "recipe_loss", "run_recipe", "RecipeResult", "checkpoint_dir", "sha256_of", "manifest",
-           "load", "load_data", "CheckpointError"]
+           "load", "load_data", "CheckpointError", "state_path_for"]
 
 
 _MISSING = object()
@@ -118,8 +121,20 @@ DATASETS: dict[str, Callable[..., ImageData]] = {"mnist": load_mnist, "cifar10":
 IMAGE_SHAPES: dict[str, tuple[int, int, int]] = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
 
 
-def load_data(recipe: Recipe, split: str, *, verbose: bool = True) -> ImageData:
-    """The ``split`` ("train" or "test") of the recipe's dataset."""
+def load_data(recipe: Recipe, split: str, *, verbose: bool = True, variant: str | None = None) -> ImageData:
+    """The ``split`` ("train" or "test") of the recipe's dataset. ``variant`` "subset" asks for the
+    offline subset, "full" for the whole dataset (an error where it cannot be had), ``None`` for
+    the default (``COURSE_OFFLINE`` decides)."""
+    if variant is None:
+        return DATASETS[recipe.data](split, verbose=verbose)
+    if recipe.data == "mnist":
+        data = load_mnist(split, offline=variant == "subset", verbose=verbose)
+        if variant == "full" and len(data) < 10_000:
+            raise RuntimeError(f"--data full needs the 70 000 torchvision MNIST digits, which could not be had here "
+                               f"({data.source}); run once with a network, or without --data full")
+        return data
+    if variant == "subset":
+        raise ValueError(f"recipe {recipe.name!r} trains on {recipe.data}, which has no offline subset")
     return DATASETS[recipe.data](split, verbose=verbose)
 
 
@@ -190,48 +205,140 @@ class RecipeResult:
     path: Path | None = None
 
 
+def _context_state(context: dict) -> dict:
+    """What a recipe kind keeps changing in its context while it trains (a discriminator and its
+    optimiser, a controller, logs): modules and optimisers by their state dicts, dataclass-like
+    controllers by their fields, plain containers and numbers as they are. Functions and other
+    objects are rebuilt identically by ``prepare`` and are not saved."""
+    out = {}
+    for key, value in context.items():
+        if isinstance(value, (nn.Module, torch.optim.Optimizer)):
+            out[key] = ("state_dict", copy.deepcopy(value.state_dict()))
+        elif is_dataclass(value) and not isinstance(value, type):
+            out[key] = ("fields", copy.deepcopy(vars(value)))
+        elif value is None or isinstance(value, (bool, int, float, str, list, dict, tuple, torch.Tensor)):
+            out[key] = ("value", copy.deepcopy(value))
+    return out
+
+
+def _restore_context(context: dict, saved: dict) -> None:
+    for key, (how, value) in saved.items():
+        current = context.get(key)
+        if how == "state_dict":
+            current.load_state_dict(value)
+        elif how == "fields":
+            vars(current).update(value)
+        elif isinstance(current, list):
+            current[:] = value  # in place: a loss closure may hold the list itself
+        elif isinstance(current, dict):
+            current.clear()
+            current.update(value)
+        else:
+            context[key] = value
+
+
+def state_path_for(name: str, folder: str | Path | None = None) -> Path:
+    """Where ``course train NAME`` keeps its resumable training state while it runs."""
+    return (Path(folder) if folder is not None else checkpoint_dir()) / f"{name}.state.pt"
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return device.type
+
+
 def run_recipe(name: str, *, folder: str | Path | None = None, fast: bool | None = None, progress: bool = True,
-               save: bool = True) -> RecipeResult:
+               save: bool = True, device: str | torch.device | None = "cpu", steps: int | None = None,
+               minutes: float | None = None, data: str | None = None, precision: str = "fp32",
+               shards: int | None = None, resume: bool = False, state_every: int | None = None) -> RecipeResult:
     """Train recipe ``name``, measure it and (``save``) write its checkpoint and manifest entry.
 
     In fast mode the recipe runs ``fast_steps`` steps and the checkpoint is marked ``"fast": true``
-    (for tests; :func:`course.pretrained.load` refuses such checkpoints unless asked)."""
+    (for tests; :func:`course.pretrained.load` refuses such checkpoints unless asked).
+
+    ``device`` ("cpu", "cuda", "auto", ...) is where it trains; the trained model is measured on
+    the CPU. ``steps`` and ``minutes`` override the recipe's length (a time limit stops early),
+    ``data`` = "full" requires the whole dataset (MNIST's 60 000 digits; an error where they
+    cannot be had) and "subset" the offline one; ``precision`` "bf16" trains under autocast.
+    ``shards`` (default: the number of processes) splits every batch as :mod:`course.distributed`
+    describes. While it trains, the training state is written to :func:`state_path_for` every
+    ``state_every`` steps (default: every 5 % of the run, at least 50 steps) and removed once the
+    checkpoint is written; ``resume`` continues from it. Every override is recorded in the manifest
+    entry. Under ``torchrun`` only rank 0 measures and writes files."""
     recipe = get_recipe(name)
     fast = fast_mode() if fast is None else fast
+    info = distributed.current()
+    device = distributed.resolve_device(device, local_rank=info.local_rank)
+    shards = info.world_size if shards is None else check_positive_int(shards, "shards")
+    if info.active and shards != info.world_size:
+        raise ValueError(f"under torchrun every process draws one shard: expected shards = {info.world_size}; "
+                         f"got {shards}")
+    if data not in (None, "full", "subset"):
+        raise ValueError(f"expected data to be 'full', 'subset' or None (the default); got {data!r}")
+    if minutes is not None:
+        check_positive(minutes, "minutes")
+    steps = check_positive_int(steps, "steps") if steps is not None else (recipe.fast_steps if fast else recipe.steps)
     torch.manual_seed(recipe.seed)
-    gen = torch.Generator().manual_seed(recipe.seed)
-    train_data, held_out = load_data(recipe, "train"), load_data(recipe, "test", verbose=False)
-    kind, model = KINDS[recipe.kind], build_model(recipe)
-    context = kind.prepare(recipe, model, folder, fast) if kind.prepare is not None else {}
-    tensors = (train_data.images, train_data.labels)
-    if kind.dataset is not None:
-        tensors = kind.dataset(recipe, *tensors, context)
-    steps = recipe.fast_steps if fast else recipe.steps
-    config = TrainConfig(steps=steps, batch_size=recipe.batch_size, lr=recipe.lr, ema_decay=recipe.ema_decay,
-                         betas=tuple(recipe.option("adam_betas", (0.9, 0.999))))
-    res = train(model, kind.loss(recipe, model, context), tensors, config, generator=gen, progress=progress)
-    trained = res.ema_model
-    if kind.finish is not None:
-        kind.finish(recipe, trained, train_data, fast, context)
-    classifier = None
-    if kind.needs_classifier:
-        try:
-            classifier = load(f"{recipe.data}_classifier", folder=folder, allow_fast=fast)
-        except Exception as exc:  # noqa: BLE001 - metrics are then reported without the classifier
-            print(f"note: sample metrics without the evaluation classifier ({exc})")
-    metrics = kind.metrics(recipe, trained, held_out, fast, classifier, {**context, "train_seconds": res.seconds})
-    result = RecipeResult(trained, res.seconds, metrics)
-    if save:
+    train_data, held_out = load_data(recipe, "train", variant=data), load_data(recipe, "test", verbose=False,
+                                                                               variant=data)
+    on_device = torch.device(device) if device.type != "cpu" else contextlib.nullcontext()
+    with on_device:  # what the kind builds (teachers, discriminators, generators) lives on the device
+        gens = [torch.Generator(device=device).manual_seed(distributed.shard_seed(recipe.seed, s, shards))
+                for s in range(shards)]
+        kind, model = KINDS[recipe.kind], build_model(recipe)
+        context = kind.prepare(recipe, model, folder, fast) if kind.prepare is not None else {}
+        if shards > 1 and any(isinstance(v, torch.optim.Optimizer) for v in context.values()):
+            raise ValueError(f"recipe {name!r} trains a second network (its discriminator) inside its loss, which "
+                             "cannot be split into shards or processes; train it in one process (one GPU or the CPU)")
+        tensors = (train_data.images.to(device), train_data.labels.to(device))
+        if kind.dataset is not None:
+            tensors = kind.dataset(recipe, *tensors, context)
+        config = TrainConfig(steps=steps, batch_size=recipe.batch_size, lr=recipe.lr, ema_decay=recipe.ema_decay,
+                             betas=tuple(recipe.option("adam_betas", (0.9, 0.999))),
+                             time_limit=None if minutes is None else 60.0 * minutes)
+        state_path = state_path_for(name, folder) if save else None
+        every = state_every if state_every is not None else max(50, steps // 20)
+        res = train(model, kind.loss(recipe, model, context), tensors, config,
+                    generator=gens[0] if shards == 1 else gens, device=device, progress=progress and info.is_main,
+                    precision=precision, state_path=state_path, state_every=every, resume=resume,
+                    extra_state=(lambda: _context_state(context), lambda s: _restore_context(context, s)),
+                    dist_info=info)
+    trained = res.ema_model.cpu()
+    for value in context.values():  # the kind's own networks follow the model to the CPU for measuring
+        if isinstance(value, nn.Module):
+            value.cpu()
+    result = RecipeResult(trained, res.seconds, {})
+    if info.is_main:
+        if kind.finish is not None:
+            kind.finish(recipe, trained, train_data, fast, context)
+        classifier = None
+        if kind.needs_classifier:
+            try:
+                classifier = load(f"{recipe.data}_classifier", folder=folder, allow_fast=fast)
+            except Exception as exc:  # noqa: BLE001 - metrics are then reported without the classifier
+                print(f"note: sample metrics without the evaluation classifier ({exc})")
+        result.metrics = kind.metrics(recipe, trained, held_out, fast, classifier,
+                                      {**context, "train_seconds": res.seconds})
+    if save and info.is_main:
         folder = Path(folder) if folder is not None else checkpoint_dir()
         path = save_checkpoint(folder / f"{name}.pt", trained, {"recipe": name})
-        _write_manifest(folder, name, {
+        entry = {
             "file": path.name, "sha256": sha256_of(path), "recipe": asdict(recipe), "fast": fast, "steps": res.steps,
-            "train_seconds": round(res.seconds, 1), "metrics": metrics, "data": train_data.source,
+            "train_seconds": round(res.seconds, 1), "metrics": result.metrics, "data": train_data.source,
             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-        })
+        }
+        training = {"device": _device_name(device), "processes": info.world_size, "shards": shards,
+                    "precision": precision, "resumed": resume, "steps_asked": steps, "minutes": minutes}
+        if training != {"device": "cpu", "processes": 1, "shards": 1, "precision": "fp32", "resumed": False,
+                        "steps_asked": recipe.fast_steps if fast else recipe.steps, "minutes": None}:
+            entry["training"] = training  # how it was made, where that differs from the recipe on one CPU
+        _write_manifest(folder, name, entry)
         result.path = path
+        if state_path is not None and state_path.exists():
+            state_path.unlink()
+    distributed.barrier()
     return result
-
 
 
 def manifest(folder: str | Path | None = None) -> dict:
