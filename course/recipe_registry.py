@@ -32,7 +32,7 @@ from torch import nn
 from . import distributed
 from .datasets import ImageData, load_cifar10, load_mnist
 from .training import CheckpointError, TrainConfig, load_checkpoint, save_checkpoint, train
-from .utils import check_positive, check_positive_int, fast_mode
+from .utils import check_positive, check_positive_int, fast_mode, offline_mode
 
 __all__ = ["Recipe", "RecipeKind", "RECIPES", "KINDS", "DATASETS", "IMAGE_SHAPES", "register_kind", "register_recipe", "get_recipe",
            "build_model", "recipe_loss", "run_recipe", "RecipeResult", "checkpoint_dir", "sha256_of", "manifest",
@@ -127,11 +127,20 @@ def load_data(recipe: Recipe, split: str, *, verbose: bool = True, variant: str 
     the default (``COURSE_OFFLINE`` decides)."""
     if variant is None:
         return DATASETS[recipe.data](split, verbose=verbose)
-    if recipe.data == "mnist":
-        data = load_mnist(split, offline=variant == "subset", verbose=verbose)
-        if variant == "full" and len(data) < 10_000:
-            raise RuntimeError(f"--data full needs the 70 000 torchvision MNIST digits, which could not be had here "
-                               f"({data.source}); run once with a network, or without --data full")
+    if recipe.data == "mnist" and variant == "subset":
+        return load_mnist(split, offline=True, verbose=verbose)
+    if recipe.data == "mnist":  # the torchvision files, downloaded only when COURSE_OFFLINE is off
+        from .datasets import _torchvision_mnist, data_root
+
+        try:
+            data = _torchvision_mnist(split, data_root(), download=not offline_mode())
+        except Exception as exc:  # noqa: BLE001 - missing files, no network
+            first = (str(exc).strip().splitlines() or [""])[0][:160]
+            raise RuntimeError(f"--data full needs the 70 000 torchvision MNIST digits in {data_root()}, which could "
+                               f"not be had here ({type(exc).__name__}: {first}); run once with a network and "
+                               "COURSE_OFFLINE unset, or train without --data full") from exc
+        if verbose:
+            print(f"Using {data.source}.")
         return data
     if variant == "subset":
         raise ValueError(f"recipe {recipe.name!r} trains on {recipe.data}, which has no offline subset")

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+import course.recipes  # noqa: F401  (registers the recipes)
 from course import distributed
 from course.distributed import Distributed, backend_for, resolve_device, shard_seed
 from course.gan import AdaptiveT
@@ -241,6 +242,36 @@ def test_a_gan_recipe_resumes_with_its_discriminator_and_controller(tmp_path, mo
 def test_a_second_network_trained_in_the_loss_cannot_be_sharded(tmp_path):
     with pytest.raises(ValueError, match="trains a second network"):
         run_recipe("mnist_gan", folder=tmp_path, fast=True, steps=2, progress=False, shards=2)
+
+
+def test_data_full_reads_the_torchvision_layout_and_never_falls_back(tmp_path, monkeypatch):
+    """--data full trains on the torchvision MNIST files (a tiny fake here, read without a network)."""
+    import struct
+
+    import numpy as np
+
+    from course.recipes import get_recipe, load_data
+
+    def _idx(path, array):  # MNIST's IDX format: magic 0x0000 08 NDIM, sizes, unsigned bytes
+        with open(path, "wb") as f:
+            f.write(struct.pack(">I", 0x0800 + array.ndim) + struct.pack(f">{array.ndim}I", *array.shape))
+            f.write(array.astype(np.uint8).tobytes())
+
+    recipe = get_recipe("mnist_classifier")
+    monkeypatch.setenv("COURSE_DATA", str(tmp_path))
+    with pytest.raises(RuntimeError, match="--data full needs the 70 000 torchvision MNIST digits"):
+        load_data(recipe, "train", variant="full", verbose=False)
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 40), ("t10k", 20)):
+        _idx(raw / f"{split}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
+        _idx(raw / f"{split}-labels-idx1-ubyte", np.arange(n) % 10)
+    assert len(load_data(recipe, "train", variant="full", verbose=False)) == 40
+    assert len(load_data(recipe, "train", variant="subset", verbose=False)) == 4000
+    run_recipe("mnist_classifier", folder=tmp_path / "out", fast=True, steps=2, data="full", progress=False)
+    entry = json.loads((tmp_path / "out" / "manifest.json").read_text())["mnist_classifier"]
+    assert "torchvision (train: 40 digits" in entry["data"]
 
 
 def test_time_limit_and_overrides_are_recorded(tmp_path):
