@@ -19,15 +19,25 @@ Every prediction is taken to the pair (x_0, eps) by solving the 2x2 linear syste
 x_t = alpha x_0 + sigma eps; only the half that the target needs is computed, so that e.g. a
 velocity converts to eps at t = 1 of the linear path, where alpha = 0. (Where the system is
 singular the prediction carries no information: eps says nothing about x_0 when alpha = 0.)
+
+**Endpoints.** At sigma = 0 (t = 0) x_t = alpha x_0 is the data itself, so x_0 = x_t / alpha is
+known but eps, and the score -eps / sigma, are not determined by an x_0 prediction; at alpha = 0
+(t = 1 of the linear path) eps = x_t / sigma is known and x_0 is not determined by an eps or score
+prediction. Conversions that would divide by such a zero raise a ``ValueError`` saying so instead
+of returning NaN. A score converts to a velocity everywhere, through the finite product sigma
+sigma' (``GaussianPath.sigma_dsigma``): velocity = alpha' x_0 - sigma sigma' score, which at t = 0
+of an SDE is the probability-flow drift f - g^2 score / 2.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import Tensor
 
 from .paths import GaussianPath
+from .utils import as_time, expand_like
 
 __all__ = [
     "PREDICTIONS",
@@ -54,9 +64,22 @@ def check_prediction(name: str) -> str:
     return name
 
 
+def _require_nonzero(coef: Tensor, name: str, what: str, t, path: GaussianPath) -> None:
+    """Raise a ValueError when ``coef`` (alpha, sigma or a determinant, broadcast against x_t) is 0
+    anywhere: ``what`` is then not determined by the prediction."""
+    zero = coef == 0
+    if bool(zero.any()):
+        times = torch.as_tensor(t, dtype=torch.float64).reshape(-1)
+        rows = zero.reshape(zero.shape[0], -1).any(1) if zero.ndim else zero.reshape(1)
+        at = float(times[rows.nonzero()[0, 0]]) if times.numel() == rows.numel() else float(times[0])
+        raise ValueError(f"{what} is undefined where {name} = 0 (t = {at:g} of {type(path).__name__}): the "
+                         "prediction does not determine it there; evaluate at times strictly inside (0, 1)")
+
+
 def eps_to_score(eps: Tensor, x_t: Tensor, t, path: GaussianPath) -> Tensor:
     """score = -eps / sigma(t)."""
     _, sigma = path.coefficients(t, x_t)
+    _require_nonzero(sigma, "sigma", "the score", t, path)
     return -eps / sigma
 
 
@@ -69,12 +92,14 @@ def score_to_eps(score: Tensor, x_t: Tensor, t, path: GaussianPath) -> Tensor:
 def eps_to_x0(eps: Tensor, x_t: Tensor, t, path: GaussianPath) -> Tensor:
     """x_0 = (x_t - sigma(t) eps) / alpha(t)."""
     alpha, sigma = path.coefficients(t, x_t)
+    _require_nonzero(alpha, "alpha", "x_0 from a noise or score prediction", t, path)
     return (x_t - sigma * eps) / alpha
 
 
 def x0_to_eps(x0: Tensor, x_t: Tensor, t, path: GaussianPath) -> Tensor:
     """eps = (x_t - alpha(t) x_0) / sigma(t)."""
     alpha, sigma = path.coefficients(t, x_t)
+    _require_nonzero(sigma, "sigma", "eps from an x_0 prediction", t, path)
     return (x_t - alpha * x0) / sigma
 
 
@@ -89,8 +114,19 @@ def to_eps(value: Tensor, source: str, x_t: Tensor, t, path: GaussianPath) -> Te
     alpha, sigma = path.coefficients(t, x_t)
     if source == "velocity":  # solve x = a x0 + s eps, u = a' x0 + s' eps for eps
         d_alpha, d_sigma = path.derivatives(t, x_t)
-        return (alpha * value - d_alpha * x_t) / (alpha * d_sigma - d_alpha * sigma)
+        det = _velocity_determinant(alpha, sigma, d_alpha, d_sigma, t, path)
+        return (alpha * value - d_alpha * x_t) / det
     return (sigma * x_t + alpha * value) / (alpha**2 + sigma**2)  # v = a eps - s x0
+
+
+def _velocity_determinant(alpha, sigma, d_alpha, d_sigma, t, path: GaussianPath) -> Tensor:
+    """alpha sigma' - alpha' sigma, the determinant of the system a velocity forms with x_t; an
+    error where sigma' is infinite (t = 0 of the SDEs) or the system is singular."""
+    det = alpha * d_sigma - d_alpha * sigma
+    if not bool(torch.isfinite(det).all()) or bool((det == 0).any()):
+        _require_nonzero(torch.where(torch.isfinite(det), det, torch.zeros_like(det)), "alpha sigma' - alpha' sigma",
+                         "a conversion from a velocity (sigma'(t) is infinite or the system singular)", t, path)
+    return det
 
 
 def to_x0(value: Tensor, source: str, x_t: Tensor, t, path: GaussianPath) -> Tensor:
@@ -102,7 +138,8 @@ def to_x0(value: Tensor, source: str, x_t: Tensor, t, path: GaussianPath) -> Ten
     alpha, sigma = path.coefficients(t, x_t)
     if source == "velocity":
         d_alpha, d_sigma = path.derivatives(t, x_t)
-        return (d_sigma * x_t - sigma * value) / (alpha * d_sigma - d_alpha * sigma)
+        det = _velocity_determinant(alpha, sigma, d_alpha, d_sigma, t, path)
+        return (d_sigma * x_t - sigma * value) / det
     return (alpha * x_t - sigma * value) / (alpha**2 + sigma**2)
 
 
@@ -117,9 +154,17 @@ def convert(value: Tensor, source: str, target: str, x_t: Tensor, t, path: Gauss
         return eps_to_score(to_eps(value, source, x_t, t, path), x_t, t, path)
     if target == "x0":
         return to_x0(value, source, x_t, t, path)
+    if target == "velocity" and source == "score":  # alpha' x0 - sigma sigma' score: finite at sigma = 0
+        d_alpha, _ = path.derivatives(t, x_t)
+        sds = path.sigma_dsigma(as_time(t, x_t))
+        return d_alpha * to_x0(value, source, x_t, t, path) - expand_like(sds, x_t) * value
     x0, eps = to_x0(value, source, x_t, t, path), to_eps(value, source, x_t, t, path)
     if target == "velocity":
         d_alpha, d_sigma = path.derivatives(t, x_t)
+        if not bool(torch.isfinite(d_sigma).all()):
+            _require_nonzero(torch.where(torch.isfinite(d_sigma), d_sigma, torch.zeros_like(d_sigma)),
+                             "1 / sigma'", f"a velocity from a {source} prediction (sigma' is infinite; a score "
+                             "converts)", t, path)
         return d_alpha * x0 + d_sigma * eps
     alpha, sigma = path.coefficients(t, x_t)
     return alpha * eps - sigma * x0

@@ -126,22 +126,37 @@ def dpm_solver_1_step(x: Tensor, t, s, eps_hat: Tensor, path: GaussianPath) -> T
     order 1, algebraically the same as DDIM with eta = 0."""
     a_t, s_t = path.coefficients(t, x)
     a_s, s_s = path.coefficients(s, x)
+    if bool((s_s == 0).all()):  # to sigma = 0: sigma_s (e^h - 1) -> alpha_s sigma_t / alpha_t, so x_s = alpha_s x0_hat
+        return (a_s / a_t) * (x - s_t * eps_hat)
     h = torch.log(a_s / s_s) - torch.log(a_t / s_t)
     return (a_s / a_t) * x - s_s * torch.expm1(h) * eps_hat
 
 
 def dpm_solver_2_step(x: Tensor, t: float, s: float, eps_fn: Callable[[Tensor, Tensor], Tensor],
                       path: GaussianPath) -> Tensor:
-    """One DPM-Solver-2 step from t to s (two noise predictions; midpoint in log-SNR)."""
+    """One DPM-Solver-2 step from t to s (two noise predictions; midpoint in log-SNR). A step to
+    sigma = 0 (log-SNR infinite: no midpoint exists) is taken at first order, x_s = alpha_s x0_hat,
+    as DPM-Solver++(2M) and the reference implementation do."""
     tt = torch.tensor(t, dtype=torch.float64)
     ss = torch.tensor(s, dtype=torch.float64)
     lam_t, lam_s = log_snr(path, tt), log_snr(path, ss)
+    if not bool(torch.isfinite(lam_s)):
+        return dpm_solver_1_step(x, t, s, eps_fn(x, as_time(t, x)), path)
     m = float(time_from_log_snr(path, (lam_t + lam_s) / 2))
     u = dpm_solver_1_step(x, t, m, eps_fn(x, as_time(t, x)), path)
     a_t, _ = path.coefficients(t, x)
     a_s, s_s = path.coefficients(s, x)
     h = (lam_s - lam_t).item()
     return (a_s / a_t) * x - s_s * math.expm1(h) * eps_fn(u, as_time(m, x))
+
+
+def _check_start(grid: list[float], path: GaussianPath, sampler: str) -> None:
+    """The noise-prediction samplers need alpha > 0 at the first time: where alpha = 0 (t = 1 of the
+    linear path) a noise or score prediction says nothing about x_0."""
+    if float(path.alpha(torch.tensor(grid[0], dtype=torch.float64))) == 0.0:
+        raise ValueError(f"{sampler} starts at t = {grid[0]:g}, where alpha(t) = 0 on {type(path).__name__}: a noise "
+                         "or score prediction does not determine x_0 there; start the grid below it (e.g. "
+                         "sampling_grid(n, t_max=0.999)) or sample the velocity with sample_flow_euler")
 
 
 def _eps_fn(score_fn: Callable, path: GaussianPath, cond: dict):
@@ -157,6 +172,7 @@ def sample_ddim(score_fn: Callable, x_init: Tensor, ts: Tensor, *, path: Gaussia
     The last step is taken without noise."""
     check_batch(x_init, name="x_init")
     grid, eps_fn, x = check_decreasing_grid(ts), _eps_fn(score_fn, path, cond), x_init
+    _check_start(grid, path, "sample_ddim")
     for i in range(len(grid) - 1):
         t, s = grid[i], grid[i + 1]
         last = i == len(grid) - 2
@@ -181,6 +197,7 @@ def sample_dpm_solver_2(score_fn: Callable, x_init: Tensor, ts: Tensor, *, path:
     """DPM-Solver-2 over the decreasing grid ``ts`` (two NFE per step)."""
     check_batch(x_init, name="x_init")
     grid, eps_fn, x = check_decreasing_grid(ts), _eps_fn(score_fn, path, cond), x_init
+    _check_start(grid, path, "sample_dpm_solver_2")
     for i in range(len(grid) - 1):
         x = dpm_solver_2_step(x, grid[i], grid[i + 1], eps_fn, path)
         if callback is not None:
@@ -194,6 +211,7 @@ def sample_dpm_solver_pp_2m(score_fn: Callable, x_init: Tensor, ts: Tensor, *, p
     first order, i.e. DDIM)."""
     check_batch(x_init, name="x_init")
     grid, eps_fn, x = check_decreasing_grid(ts), _eps_fn(score_fn, path, cond), x_init
+    _check_start(grid, path, "sample_dpm_solver_pp_2m")
     lam = log_snr(path, torch.as_tensor(grid, dtype=torch.float64)).tolist()
     x0_prev = None
     for i in range(len(grid) - 1):

@@ -108,13 +108,18 @@ def conditional_velocity(path: GaussianPath, x0: Tensor, eps: Tensor, t) -> Tens
 def oracle_velocity(data: GaussianMixture, path: GaussianPath) -> Callable[[Tensor, Tensor], Tensor]:
     """The exact marginal velocity v_t(x) of mixture data under ``path``, as ``v(x, t)``.
 
-    Computed from the closed-form posterior mean E[x_0 | x_t] (``GaussianMixture.posterior_mean``)
-    so that it is finite at t = 1 of the linear path, where alpha = 0."""
+    v = alpha' E[x_0 | x_t] + sigma' E[eps | x_t] = alpha' E[x_0 | x_t] - sigma sigma' grad log p_t,
+    from the closed-form posterior mean (``GaussianMixture.posterior_mean``, finite at alpha = 0)
+    and score: finite at both ends, where E[eps | x] = (x - alpha E[x_0 | x]) / sigma is 0 / 0 at
+    sigma = 0 (its limit there: -x for the linear path, the probability-flow drift for the SDEs)."""
     if not isinstance(data, GaussianMixture):
         raise ValueError(f"oracle_velocity needs a GaussianMixture; got {type(data).__name__}")
 
     def v(x: Tensor, t: Tensor) -> Tensor:
-        return convert(data.posterior_mean(x, t, path), "x0", "velocity", x, t, path)
+        t = as_time(t, x)
+        d_alpha, _ = path.derivatives(t, x)
+        return d_alpha * data.posterior_mean(x, t, path) - expand_like(path.sigma_dsigma(t), x) * \
+            data.perturbed_score(x, t, path)
 
     return v
 

@@ -26,10 +26,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .conversions import convert
 from .fast_samplers import ddim_step
 from .paths import GaussianPath
-from .utils import as_time, check_batch, check_time_scalar
+from .utils import as_time, check_batch, check_time_scalar, expand_like
 
 __all__ = ["classifier_free_guidance", "classifier_log_prob_grad", "classifier_guided_score",
            "classifier_guided_velocity",
@@ -87,11 +86,13 @@ def classifier_guided_velocity(velocity_fn: Callable, classifier: Callable, scal
     def guided(x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         v = velocity_fn(x, t)  # unconditional (a class-conditional U-Net called without y: its null class)
         g = classifier_log_prob_grad(classifier, x, t, y)
-        alpha, _ = path.coefficients(t, x)
-        ok = (alpha.abs() > 0).expand_as(x)
-        zero = torch.zeros_like(x)
-        shift = convert(scale * g, "score", "velocity", x, t, path) - convert(zero, "score", "velocity", x, t, path)
-        return v + torch.where(ok, shift, zero)
+        alpha, sigma = path.coefficients(t, x)
+        d_alpha, _ = path.derivatives(t, x)
+        ok = alpha != 0
+        # velocity = alpha' x / alpha + b score with b = alpha' sigma^2 / alpha - sigma sigma' (course.conversions)
+        b = torch.where(ok, d_alpha * sigma**2 / torch.where(ok, alpha, torch.ones_like(alpha))
+                        - expand_like(path.sigma_dsigma(as_time(t, x)), x), torch.zeros_like(alpha))
+        return v + b * (scale * g)
 
     return guided
 

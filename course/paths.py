@@ -57,6 +57,12 @@ class GaussianPath(ABC):
         """sigma'(t), elementwise; by float64 autograd unless a subclass overrides it."""
         return _derivative(self.sigma, t)
 
+    def sigma_dsigma(self, t: Tensor) -> Tensor:
+        """sigma(t) sigma'(t) = (1/2) d sigma^2 / dt, elementwise: the factor of the score in the
+        probability-flow velocity, alpha' E[x_0 | x_t] - sigma sigma' grad log p_t. Paths whose
+        sigma' is infinite where sigma = 0 (the SDEs at t = 0) override it with the finite limit."""
+        return self.sigma(t) * self.d_sigma(t)
+
     def coefficients(self, t: Tensor | float, x: Tensor) -> tuple[Tensor, Tensor]:
         """alpha(t) and sigma(t) reshaped to broadcast against ``x`` (``t``: scalar or ``(B,)``)."""
         t = as_time(t, x)

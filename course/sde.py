@@ -50,6 +50,14 @@ class SDE(GaussianPath):
     def diffusion(self, t: Tensor | float) -> Tensor:
         """Diffusion coefficient g(t), deterministic, same shape as ``t``."""
 
+    def sigma_dsigma(self, t: Tensor) -> Tensor:
+        """sigma sigma' = (1/2) d sigma^2 / dt; for a linear SDE d sigma^2 / dt = 2 f sigma^2 + g^2,
+        so where sigma = 0 (t = 0, where sigma' is infinite) it is g(t)^2 / 2."""
+        sigma = self.sigma(t)
+        limit = 0.5 * self.diffusion(t) ** 2
+        inner = sigma * torch.where(sigma == 0, torch.zeros_like(sigma), self.d_sigma(t))
+        return torch.where(sigma == 0, limit.to(sigma.dtype), inner)
+
     def prior_logp(self, z: Tensor) -> Tensor:
         """log N(z; 0, prior_std^2 I), summed over all but the batch dimension; shape ``(B,)``."""
         if z.ndim < 1:

@@ -48,7 +48,19 @@ DSM_MISTAKES = {
                  .pow(2).mean(), "forgets alpha"),
     "per-sample": (lambda s, x0, t, eps, sde: (_sig(t, x0, sde) * s(_xt(x0, t, eps, sde), t) + eps)
                    .pow(2).flatten(1).mean(1), "returned shape"),
+    "from-item": (lambda s, x0, t, eps, sde: torch.tensor((_sig(t, x0, sde) * s(_xt(x0, t, eps, sde), t) + eps)
+                                                          .pow(2).mean().item(), dtype=torch.float64),
+                  "no gradient path"),
+    "no-grad": (lambda s, x0, t, eps, sde: _under_no_grad(lambda: (_sig(t, x0, sde) * s(_xt(x0, t, eps, sde), t)
+                                                                   + eps).pow(2).mean()), "no gradient path"),
+    "detached-score": (lambda s, x0, t, eps, sde: (_sig(t, x0, sde) * s(_xt(x0, t, eps, sde), t).detach() + eps)
+                       .pow(2).mean(), "no gradient path"),
 }
+
+
+def _under_no_grad(fn):
+    with torch.no_grad():
+        return fn()
 
 
 @pytest.mark.parametrize("name", DSM_MISTAKES)

@@ -50,14 +50,21 @@ def test_pf_drift_mistakes(name):
     _assert_clean_failure(check("3.1", fn, seed=0), words)
 
 
-def _hutchinson(reduce="mean", use_probe_twice=True):
+def _hutchinson(reduce="mean", use_probe_twice=True, normalise=False, exact=False):
     def estimate(velocity, x, t, probes):
         x = x.detach().requires_grad_(True)
         v = velocity(x, t)
+        if exact:  # the trace itself, not the estimator
+            flat = v.flatten(1)
+            return torch.stack([torch.autograd.grad(flat[:, i].sum(), x, retain_graph=True)[0].flatten(1)[:, i]
+                                for i in range(flat.shape[1])], 1).sum(1)
         vals = []
         for eps in probes:
             vjp = torch.autograd.grad(v, x, grad_outputs=eps, retain_graph=True)[0]
-            vals.append((vjp * eps if use_probe_twice else vjp).flatten(1).sum(1))
+            val = (vjp * eps if use_probe_twice else vjp).flatten(1).sum(1)
+            if normalise:  # eps^T J eps / (|eps|^2 / d): the same for Rademacher probes, wrong for Gaussian ones
+                val = val / (eps.flatten(1).pow(2).sum(1) / eps[0].numel())
+            vals.append(val)
         out = torch.stack(vals)
         if reduce == "sum":
             return out.sum(0)
@@ -71,6 +78,8 @@ def _hutchinson(reduce="mean", use_probe_twice=True):
     ({"reduce": "sum"}, "sums over the probes"),
     ({"reduce": "dim-mean"}, "divides by the number of dimensions"),
     ({"use_probe_twice": False}, "hutchinson_divergence"),
+    ({"exact": True}, "returns the exact trace"),
+    ({"normalise": True}, "Gaussian probe"),
 ])
 def test_hutchinson_mistakes(kwargs, words):
     _assert_clean_failure(check("3.2", _hutchinson(**kwargs), seed=0), words)

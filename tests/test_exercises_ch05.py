@@ -69,6 +69,14 @@ def _loss(kind):
             return (model(x_t, t) - eps).pow(2).mean()
         if kind == "at-x0":
             return (model(x0, t) - u).pow(2).mean()
+        if kind == "from-item":
+            return torch.tensor((model(x_t, t) - u).pow(2).mean().item(), dtype=x0.dtype)
+        if kind == "no-grad":
+            with torch.no_grad():
+                return (model(x_t, t) - u).pow(2).mean()
+        if kind == "half-detached":  # the right value, but only half of the batch carries a gradient
+            err = (model(x_t, t) - u).pow(2)
+            return torch.cat([err[: len(err) // 2], err[len(err) // 2:].detach()]).mean()
         return (model(x_t, t) - u).pow(2).flatten(1).mean(1)  # "per-sample"
     return cfm_loss
 
@@ -79,6 +87,9 @@ def _loss(kind):
     ("eps-target", "noise-prediction"),
     ("at-x0", "evaluates the model at x0"),
     ("per-sample", "expected a scalar"),
+    ("from-item", "no gradient path"),
+    ("no-grad", "no gradient path"),
+    ("half-detached", "its gradient with respect to the model's parameter"),
 ])
 def test_cfm_loss_mistakes(kind, words):
     _assert_clean_failure(check("5.2", _loss(kind), seed=0), words)

@@ -12,6 +12,7 @@ import math
 from collections.abc import Callable
 
 import torch
+from torch import nn
 
 from ..losses import dsm_loss_terms
 from ..samplers import reverse_em_step as reference_reverse_em_step
@@ -23,6 +24,7 @@ from .verdict import (
     CheckResult,
     Mismatch,
     call_student,
+    check_gradient_path,
     compare,
     describe_where,
     run_check,
@@ -75,12 +77,27 @@ def _sde_score_cases(gen: torch.Generator):
                 yield sde, label, score, t, shape, x, tt
 
 
+class _TrainableScore(nn.Module):
+    """A planted score function with one parameter (a gain, 1 at the start): the loss must have a
+    gradient path to it, as a network's loss must to its weights."""
+
+    def __init__(self, score: Callable):
+        super().__init__()
+        self.score = score
+        self.gain = nn.Parameter(torch.ones((), dtype=torch.float64))
+
+    def forward(self, x, t):
+        return self.gain * self.score(x, t)
+
+
 def check_dsm_loss(dsm_loss: Callable, *, seed: int | None = None) -> CheckResult:
-    """Exercise 2.1: mean over the batch and dimensions of (sigma s(x_t, t) + eps)^2."""
+    """Exercise 2.1: mean over the batch and dimensions of (sigma s(x_t, t) + eps)^2, with a gradient
+    path to the score model's parameters."""
     gen = _generator(seed)
 
     def body() -> str:
-        for sde, label, score, t, shape, x0, tt in _sde_score_cases(gen):
+        for sde, label, plain, t, shape, x0, tt in _sde_score_cases(gen):
+            score = _TrainableScore(plain)
             eps = torch.randn(shape, generator=gen, dtype=torch.float64)
             where = f"{describe_where(t, shape)} for the {sde.name} SDE with {label}"
             got = call_student(dsm_loss, "dsm_loss", score, x0.clone(), tt.clone(), eps.clone(),
@@ -103,8 +120,9 @@ def check_dsm_loss(dsm_loss: Callable, *, seed: int | None = None) -> CheckResul
                 "uses -eps as the target score; it is -eps / sigma(t)":
                     (sig**2 * (s + eps).pow(2)).mean(),
             })
+            check_gradient_path("dsm_loss", got, ref, score.parameters(), where=where)
         return ("dsm_loss matches the reference for VP and VE, two score models, 2-D and image "
-                "shapes and several t.")
+                "shapes and several t, with a gradient path to the model.")
 
     return run_check("2.1", "denoising score matching loss", body)
 

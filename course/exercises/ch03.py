@@ -42,6 +42,14 @@ def check_probability_flow_drift(probability_flow_drift: Callable, *, seed: int 
     return run_check("3.1", "probability-flow drift", body)
 
 
+def _exact_trace(velocity, x, t):
+    """The exact divergence (the trace of dv/dx), per sample."""
+    x = x.detach().requires_grad_(True)
+    v = velocity(x, t).flatten(1)
+    return torch.stack([torch.autograd.grad(v[:, i].sum(), x, retain_graph=True)[0].flatten(1)[:, i]
+                        for i in range(v.shape[1])], 1).sum(1).detach()
+
+
 def check_hutchinson_divergence(hutchinson_divergence: Callable, *, seed: int | None = None
                                 ) -> CheckResult:
     """Exercise 3.2: mean over probes of eps^T (dv/dx) eps, per sample."""
@@ -58,9 +66,10 @@ def check_hutchinson_divergence(hutchinson_divergence: Callable, *, seed: int | 
 
             x = torch.randn(shape, generator=gen, dtype=torch.float64)
             t = torch.rand(shape[0], generator=gen, dtype=torch.float64)
-            for k in (1, 3):
-                probes = torch.randint(0, 2, (k, *shape), generator=gen).double() * 2 - 1
-                where = f"for input shape {shape} with {k} probe(s)"
+            for k, kind in ((1, "Rademacher"), (3, "Rademacher"), (3, "Gaussian")):
+                probes = (torch.randint(0, 2, (k, *shape), generator=gen).double() * 2 - 1 if kind == "Rademacher"
+                          else torch.randn((k, *shape), generator=gen, dtype=torch.float64))
+                where = f"for input shape {shape} with {k} {kind} probe(s)"
                 got = call_student(hutchinson_divergence, "hutchinson_divergence", velocity,
                                    x.clone(), t.clone(), probes.clone(), where=where)
                 if isinstance(got, tuple):
@@ -69,7 +78,10 @@ def check_hutchinson_divergence(hutchinson_divergence: Callable, *, seed: int | 
                 _, ref = reference_hutchinson(velocity, x, t, probes)
                 mistakes = {"sums over the probes; average them": ref * k} if k > 1 else {}
                 mistakes["divides by the number of dimensions; the trace is a sum"] = ref / d
+                mistakes["returns the exact trace of dv/dx; the exercise is the estimator: the mean over the "
+                         "given probes of eps^T (dv/dx) eps"] = _exact_trace(velocity, x, t)
                 compare("hutchinson_divergence", got, ref, where=where, mistakes=mistakes)
-        return "hutchinson_divergence matches the reference on 2-D and image shapes with 1 and 3 probes."
+        return ("hutchinson_divergence matches the reference on 2-D and image shapes with 1 and 3 Rademacher and "
+                "3 Gaussian probes.")
 
     return run_check("3.2", "Hutchinson divergence estimator", body)

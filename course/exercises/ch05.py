@@ -15,13 +15,22 @@ from collections.abc import Callable
 
 import torch
 from scipy.optimize import linear_sum_assignment
+from torch import nn
 
 from ..conversions import convert
 from ..flow_matching import conditional_velocity, ot_coupling
 from ..paths import LinearPath
 from ..utils import expand_like
 from .ch01 import _generator, _random_vp
-from .verdict import CheckResult, Mismatch, call_student, compare, run_check, student_dtype
+from .verdict import (
+    CheckResult,
+    Mismatch,
+    call_student,
+    check_gradient_path,
+    compare,
+    run_check,
+    student_dtype,
+)
 
 SHAPES = [(16, 2), (4, 1, 6, 6)]
 
@@ -76,16 +85,24 @@ def check_conditional_flow(conditional_flow: Callable, *, seed: int | None = Non
     return run_check("5.1", "conditional path sample and target", body)
 
 
+class _TrainableField(nn.Module):
+    """tanh(w x) - t x with a trainable w: the loss must have a gradient path to it."""
+
+    def __init__(self, w: torch.Tensor):
+        super().__init__()
+        self.w = nn.Parameter(w.clone())
+
+    def forward(self, x, t):
+        return torch.tanh(self.w * x) - expand_like(t, x) * x
+
+
 def check_cfm_loss(cfm_loss: Callable, *, seed: int | None = None) -> CheckResult:
     """Exercise 5.2: mean over the batch of mean_d (model(x_t, t) - u_t)^2."""
     gen = _generator(seed)
 
     def body() -> str:
         for path, shape, x0, eps, t, where in _cases(gen):
-            w = 0.5 + torch.rand((), generator=gen, dtype=torch.float64)
-
-            def model(x, tt, w=w):
-                return torch.tanh(w * x) - expand_like(tt, x) * x
+            model = _TrainableField(0.5 + torch.rand((), generator=gen, dtype=torch.float64))
 
             a, s = path.coefficients(t, x0)
             x_t = a * x0 + s * eps
@@ -106,7 +123,9 @@ def check_cfm_loss(cfm_loss: Callable, *, seed: int | None = None) -> CheckResul
                 "evaluates the model at x0 instead of at x_t": (model(x0, t) - u).pow(2).mean(),
                 "has the target's sign flipped (Lipman's time convention)": (model(x_t, t) + u).pow(2).mean(),
             })
-        return "cfm_loss matches the reference on the linear and VP paths, 2-D and image shapes."
+            check_gradient_path("cfm_loss", got, err.mean(), model.parameters(), where=where)
+        return ("cfm_loss matches the reference on the linear and VP paths, 2-D and image shapes, with a gradient "
+                "path to the model.")
 
     return run_check("5.2", "the conditional flow-matching loss", body)
 

@@ -18,6 +18,7 @@ from torch import Tensor
 from .remote import gradients
 
 __all__ = ["CheckResult", "Mismatch", "compare", "call_student", "run_check", "describe_where", "gradients",
+           "check_gradient_path",
            "tolerances_for", "student_dtype", "matches"]
 
 
@@ -165,6 +166,27 @@ def compare(
                                                                   rtol=1e-3, atol=1e-6):
             raise Mismatch(f"{name} {where} is off by a constant factor {ratio.mean().item():.4g}; {size}")
     raise Mismatch(f"{name} {where}: {size}")
+
+
+def check_gradient_path(name: str, got, expected: Tensor, params, *, where: str, rtol: float = 1e-4,
+                        atol: float = 1e-8) -> None:
+    """Raise :class:`Mismatch` unless the student's loss ``got`` (whose value already matched
+    ``expected``) has a gradient path to ``params`` and its gradient equals ``expected``'s: a loss
+    rebuilt from ``.item()``, computed under ``torch.no_grad()`` or from a detached output trains
+    nothing, whatever its value."""
+    params = list(params)
+    if not isinstance(got, Tensor) or not got.requires_grad:
+        raise Mismatch(f"{name} {where} has the right value but no gradient path to the model's parameters (was "
+                       "it computed under torch.no_grad(), rebuilt from .item(), or detached?): it would train "
+                       "nothing")
+    found = gradients(got.reshape(()) if got.numel() == 1 else got, params)
+    wanted = torch.autograd.grad(expected, params, allow_unused=True)
+    for i, (g, r) in enumerate(zip(found, wanted, strict=True)):
+        if r is None:
+            continue
+        if g is None or not matches(g, r.detach(), rtol=rtol, atol=atol, dtype=got.dtype):
+            raise Mismatch(f"{name} {where}: the value is right but its gradient with respect to the model's "
+                           f"parameter {i} is not (part of the model's output detached?)")
 
 
 def _exception_facts(exc: BaseException) -> tuple[str, str]:
