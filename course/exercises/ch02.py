@@ -106,6 +106,7 @@ def check_dsm_loss(dsm_loss: Callable, *, seed: int | None = None) -> CheckResul
             a, sig = expand_like(sde.alpha(tt), x0), expand_like(sde.sigma(tt), x0)
             x_t = a * x0 + sig * eps
             s = score(x_t, tt)
+            returned = got  # the tensor the student returned (its gradient is asked for by identity)
             if isinstance(got, torch.Tensor) and got.numel() == 1 and got.ndim > 0:
                 got = got.reshape(())
             compare("dsm_loss", got, ref, where=where, mistakes={
@@ -120,7 +121,7 @@ def check_dsm_loss(dsm_loss: Callable, *, seed: int | None = None) -> CheckResul
                 "uses -eps as the target score; it is -eps / sigma(t)":
                     (sig**2 * (s + eps).pow(2)).mean(),
             })
-            check_gradient_path("dsm_loss", got, ref, score.parameters(), where=where)
+            check_gradient_path("dsm_loss", returned, ref, score.parameters(), where=where)
         return ("dsm_loss matches the reference for VP and VE, two score models, 2-D and image "
                 "shapes and several t, with a gradient path to the model.")
 

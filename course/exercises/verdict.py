@@ -179,7 +179,7 @@ def check_gradient_path(name: str, got, expected: Tensor, params, *, where: str,
         raise Mismatch(f"{name} {where} has the right value but no gradient path to the model's parameters (was "
                        "it computed under torch.no_grad(), rebuilt from .item(), or detached?): it would train "
                        "nothing")
-    found = gradients(got.reshape(()) if got.numel() == 1 else got, params)
+    found = gradients(got, params)  # the returned tensor itself: across the grading boundary it names the call
     wanted = torch.autograd.grad(expected, params, allow_unused=True)
     for i, (g, r) in enumerate(zip(found, wanted, strict=True)):
         if r is None:
