@@ -55,12 +55,12 @@ def plot_samples(ax, x: Tensor, *, lim: float | None = 3.5, title: str | None = 
 
 
 def plot_density(ax, log_prob: Callable[[Tensor], Tensor], *, lim: float = 3.5,
-                 n_grid: int = 150, title: str | None = None, cmap: str = "Blues") -> None:
-    """Draw exp(log_prob) as an image over [-lim, lim]^2."""
+                 n_grid: int = 150, title: str | None = None, cmap: str = "Blues", ticks: bool = False) -> None:
+    """Draw exp(log_prob) as an image over [-lim, lim]^2; ``ticks=True`` keeps the axes' scale."""
     xs, ys, dens = density_grid(log_prob, lim, n_grid)
     ax.imshow(dens, extent=(xs[0], xs[-1], ys[0], ys[-1]), origin="lower", cmap=cmap,
               aspect="equal")
-    _square(ax, lim, title)
+    _square(ax, lim, title, ticks=ticks)
 
 
 def perturbed_view_limit(path: GaussianPath, t: float, data_radius: float = 2.0) -> float:
@@ -71,21 +71,25 @@ def perturbed_view_limit(path: GaussianPath, t: float, data_radius: float = 2.0)
 
 def plot_perturbed_density(ax, data: GaussianMixture, path: GaussianPath, t: float, *,
                            samples: Tensor | None = None, lim: float | None = None,
-                           n_grid: int = 150) -> None:
-    """The closed-form density of p_t (image), optionally with samples x_t overlaid."""
+                           n_grid: int = 150, ticks: bool = False) -> None:
+    """The closed-form density of p_t (image), optionally with samples x_t overlaid; ``ticks=True``
+    keeps the axes' scale (each panel is scaled to its own p_t)."""
     lim = perturbed_view_limit(path, t) if lim is None else lim
     plot_density(ax, lambda x: data.perturbed_log_prob(x, t, path), lim=lim, n_grid=n_grid,
-                 title=f"t = {t:g}")
+                 title=f"t = {t:g}", ticks=ticks)
     if samples is not None:
-        plot_samples(ax, samples, lim=lim, s=0.5, alpha=0.3, color="C3")
+        plot_samples(ax, samples, lim=lim, s=0.5, alpha=0.3, color="C3", ticks=ticks)
+    if ticks:
+        ax.tick_params(labelsize=7)
 
 
 def plot_perturbed_grid(data: GaussianMixture, paths: dict[str, GaussianPath],
                         ts: Sequence[float], *, samples: dict[str, Trajectory] | None = None,
-                        n_grid: int = 120, panel: float = 2.2):
+                        n_grid: int = 120, panel: float = 2.2, ticks: bool = True):
     """Rows: one per path; columns: one per t. Closed-form p_t with simulated x_t on top.
 
-    The slides' "perturbed distributions" figure, for several SDEs side by side.
+    The slides' "perturbed distributions" figure, for several SDEs side by side. Each panel is
+    scaled to its own p_t, so the ticks carry the message (VE spreads the data over tens of units).
     """
     fig, axes = plt.subplots(len(paths), len(ts), figsize=(panel * len(ts), panel * len(paths)),
                              squeeze=False)
@@ -93,7 +97,7 @@ def plot_perturbed_grid(data: GaussianMixture, paths: dict[str, GaussianPath],
         for col, t in enumerate(ts):
             ax = axes[row, col]
             x_t = samples[name].at(t) if samples is not None else None
-            plot_perturbed_density(ax, data, path, t, samples=x_t, n_grid=n_grid)
+            plot_perturbed_density(ax, data, path, t, samples=x_t, n_grid=n_grid, ticks=ticks)
             if col == 0:
                 ax.set_ylabel(name)
     fig.tight_layout()

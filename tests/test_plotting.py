@@ -47,6 +47,10 @@ def test_figures_draw_headless():
     trajs = {k: simulate_forward(s, x0, 20, save_every=5, generator=gen) for k, s in sdes.items()}
     fig = plot_perturbed_grid(data, sdes, [0.0, 0.5, 1.0], samples=trajs, n_grid=30)
     assert len(fig.axes) == 6
+    # each panel keeps its scale: at t = 1 VE's view is several times VP's, and the ticks say so
+    ve_1, vp_1 = fig.axes[2], fig.axes[5]
+    assert len(ve_1.get_xticks()) > 1 and len(vp_1.get_xticks()) > 1
+    assert ve_1.get_xlim()[1] > 5 * vp_1.get_xlim()[1]
     fig, axes = plt.subplots(1, 4)
     plot_schedules(axes[0], axes[1], sdes)
     plot_trajectories_1d(axes[2], trajs["VP"], n=5)
