@@ -131,7 +131,6 @@ def _train(args) -> int:
     import torch
 
     from . import distributed
-    from .recipe_registry import state_path_for
 
     try:
         info, device = distributed.init(args.device)
@@ -141,10 +140,6 @@ def _train(args) -> int:
     precision = args.precision
     if precision == "auto":  # bf16 autocast where the GPU supports it; float32 on CPUs
         precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if args.resume and not state_path_for(args.name, args.out).is_file():
-        print(f"error: no training state to resume at {state_path_for(args.name, args.out)}; "
-              "start without --resume", file=sys.stderr)
-        return 2
     if device.type == "cpu" and info.active:  # the cores are shared between the processes
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     try:

@@ -64,16 +64,20 @@ def check_prediction(name: str) -> str:
     return name
 
 
-def _require_nonzero(coef: Tensor, name: str, what: str, t, path: GaussianPath) -> None:
-    """Raise a ValueError when ``coef`` (alpha, sigma or a determinant, broadcast against x_t) is 0
-    anywhere: ``what`` is then not determined by the prediction."""
-    zero = coef == 0
-    if bool(zero.any()):
+def _require(bad: Tensor, name: str, what: str, t, path: GaussianPath) -> None:
+    """Raise a ValueError naming the first time where ``bad`` (a mask broadcast against x_t) holds:
+    ``what`` is not determined by the prediction there."""
+    if bool(bad.any()):
         times = torch.as_tensor(t, dtype=torch.float64).reshape(-1)
-        rows = zero.reshape(zero.shape[0], -1).any(1) if zero.ndim else zero.reshape(1)
+        rows = bad.reshape(bad.shape[0], -1).any(1) if bad.ndim else bad.reshape(1)
         at = float(times[rows.nonzero()[0, 0]]) if times.numel() == rows.numel() else float(times[0])
-        raise ValueError(f"{what} is undefined where {name} = 0 (t = {at:g} of {type(path).__name__}): the "
+        raise ValueError(f"{what} is undefined where {name} (t = {at:g} of {type(path).__name__}): the "
                          "prediction does not determine it there; evaluate at times strictly inside (0, 1)")
+
+
+def _require_nonzero(coef: Tensor, name: str, what: str, t, path: GaussianPath) -> None:
+    """``what`` needs ``coef`` (alpha, sigma or a determinant) finite and nonzero everywhere."""
+    _require((coef == 0) | ~torch.isfinite(coef), f"{name} = 0", what, t, path)
 
 
 def eps_to_score(eps: Tensor, x_t: Tensor, t, path: GaussianPath) -> Tensor:
@@ -123,9 +127,8 @@ def _velocity_determinant(alpha, sigma, d_alpha, d_sigma, t, path: GaussianPath)
     """alpha sigma' - alpha' sigma, the determinant of the system a velocity forms with x_t; an
     error where sigma' is infinite (t = 0 of the SDEs) or the system is singular."""
     det = alpha * d_sigma - d_alpha * sigma
-    if not bool(torch.isfinite(det).all()) or bool((det == 0).any()):
-        _require_nonzero(torch.where(torch.isfinite(det), det, torch.zeros_like(det)), "alpha sigma' - alpha' sigma",
-                         "a conversion from a velocity (sigma'(t) is infinite or the system singular)", t, path)
+    _require_nonzero(det, "alpha sigma' - alpha' sigma", "a conversion from a velocity (sigma'(t) is infinite or "
+                     "the system singular)", t, path)
     return det
 
 
@@ -161,10 +164,8 @@ def convert(value: Tensor, source: str, target: str, x_t: Tensor, t, path: Gauss
     x0, eps = to_x0(value, source, x_t, t, path), to_eps(value, source, x_t, t, path)
     if target == "velocity":
         d_alpha, d_sigma = path.derivatives(t, x_t)
-        if not bool(torch.isfinite(d_sigma).all()):
-            _require_nonzero(torch.where(torch.isfinite(d_sigma), d_sigma, torch.zeros_like(d_sigma)),
-                             "1 / sigma'", f"a velocity from a {source} prediction (sigma' is infinite; a score "
-                             "converts)", t, path)
+        _require(~torch.isfinite(d_sigma), "1 / sigma' = 0", f"a velocity from a {source} prediction (sigma' is "
+                 "infinite; a score converts)", t, path)
         return d_alpha * x0 + d_sigma * eps
     alpha, sigma = path.coefficients(t, x_t)
     return alpha * eps - sigma * x0

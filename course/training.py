@@ -75,14 +75,14 @@ class TrainResult:
 
 def _batches(data, batch_size: int, generator, device) -> Callable[[], Tensor]:
     """A function drawing one batch of ``batch_size`` from ``data`` with ``generator``. Tensor
-    data is moved to ``device`` once, here, and indexed there (no copy per step)."""
+    data must already be on the training device (:func:`train` moves it there once); a sampler's
+    batches are moved to ``device``."""
     index_device = generator.device if generator is not None else torch.device("cpu")
     if isinstance(data, tuple) and data and all(isinstance(d, Tensor) for d in data):
         n = data[0].shape[0]
         if n < 1 or any(d.shape[0] != n for d in data):
             raise ValueError(f"expected a tuple of non-empty tensors with one first dimension; got shapes "
                              f"{[tuple(d.shape) for d in data]}")
-        data = tuple(d.to(device) for d in data)
 
         def from_tuple():
             idx = torch.randint(n, (batch_size,), generator=generator, device=index_device)
@@ -92,7 +92,6 @@ def _batches(data, batch_size: int, generator, device) -> Callable[[], Tensor]:
     if isinstance(data, Tensor):
         if data.shape[0] < 1:
             raise ValueError("expected a non-empty dataset tensor")
-        data = data.to(device)
 
         def from_tensor():
             idx = torch.randint(data.shape[0], (batch_size,), generator=generator, device=index_device)
