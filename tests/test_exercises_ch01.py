@@ -9,6 +9,7 @@ import torch
 from course.exercises import check, get_exercise, run_checks
 from course.sde import VPSDE
 from course.utils import expand_like
+from tests.exercise_harness import CODE_WORDS, _assert_clean_failure, assert_stubs_state_the_task
 from tests.notebook_code import notebook_functions
 
 CHAPTER = "01_forward_sdes"
@@ -16,12 +17,6 @@ SOLUTION = notebook_functions(f"solutions/{CHAPTER}.ipynb")
 STUB = notebook_functions(f"exercises/{CHAPTER}.ipynb")
 
 
-def _assert_clean_failure(result, *fragments):
-    assert not result.passed, str(result)
-    text = result.message
-    assert "\n" not in text and "Traceback" not in text, text
-    for fragment in fragments:
-        assert fragment in text, f"{fragment!r} not in {text!r}"
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -158,3 +153,7 @@ def test_registry_errors():
         check("1.1", SOLUTION["vp_drift"])
     with pytest.raises(ValueError, match="unknown chapter"):
         run_checks("99_nothing", {})
+
+
+def test_stubs_state_the_task_not_the_code():
+    assert_stubs_state_the_task(CHAPTER, STUB, ('vp_drift', 'vp_diffusion', 'euler_maruyama_step', 'vp_marginal'), "Exercise 1.", CODE_WORDS)

@@ -8,6 +8,7 @@ import torch
 
 from course.exercises import check, run_checks
 from course.utils import expand_like
+from tests.exercise_harness import CODE_WORDS, assert_stubs_state_the_task
 from tests.notebook_code import notebook_functions
 from tests.test_exercises_ch01 import _assert_clean_failure
 
@@ -176,3 +177,7 @@ def test_algorithm3_mistakes_fail(mistake, words):
 
 def test_algorithm3_with_reference_mistake_free_loop_passes():
     assert check("2.4", _algorithm3("none"), seed=0).passed
+
+
+def test_stubs_state_the_task_not_the_code():
+    assert_stubs_state_the_task(CHAPTER, STUB, ('dsm_loss', 'reverse_em_step', 'langevin_corrector_step', 'vp_pc_sampler'), "Exercise 2.", CODE_WORDS)

@@ -6,6 +6,11 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from course.exercises import check, run_checks
+from course.flow_matching import oracle_velocity
+from course.nets import TimeMLP
+from course.paths import LinearPath
+from course.toy_data import GaussianMixture, eight_gaussians
+from tests.exercise_harness import CODE_WORDS, assert_solutions_pass
 from tests.notebook_code import notebook_functions
 from tests.test_exercises_ch01 import _assert_clean_failure
 
@@ -14,16 +19,46 @@ SOLUTION = notebook_functions(f"solutions/{CHAPTER}.ipynb")
 STUB = notebook_functions(f"exercises/{CHAPTER}.ipynb")
 
 
+def _near_exact_model(kind="good"):
+    """A velocity "network" close to the exact field of the 8-mode mixture (the notebook trains a real one):
+    it stands in for a well-trained model, and with one change for the ways a trained model goes wrong."""
+    data, path = eight_gaussians(), LinearPath()
+    exact = oracle_velocity(data, path)
+    if kind == "seven-modes":
+        keep = torch.arange(7)
+        exact = oracle_velocity(GaussianMixture(data.means[keep], data.stds[keep]), path)
+
+    def model(x, t):
+        v = exact(x.double(), t.double()).float()
+        if kind == "lipman":  # trained in Lipman's time: noise at t = 0
+            v = -exact(x.double(), 1 - t.double()).float()
+        if kind == "nan":
+            v = v * float("nan")
+        return v * 1.02 + 0.01 * torch.sin(3 * x)
+
+    return model
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_solutions_pass(seed):
-    results = run_checks(CHAPTER, SOLUTION, seed=seed)
-    assert len(results) == 4 and all(r.passed for r in results), [str(r) for r in results]
+    assert_solutions_pass(CHAPTER, {**SOLUTION, "velocity_model": _near_exact_model()},
+                          ["5.1", "5.2", "5.3", "5.4", "5.5", "5.6"], seed)
 
 
-def test_stubs_fail_cleanly():
-    for r in run_checks(CHAPTER, STUB):
-        assert r.status == "not attempted"
-        _assert_clean_failure(r, "NotImplementedError")
+def test_stubs_fail_cleanly_and_state_the_task_not_the_code():
+    names = ("conditional_flow", "cfm_loss", "velocity_to_score", "score_to_velocity", "ot_pair",
+             "marginal_velocity", "train_velocity_model")
+    stub = {**STUB, "velocity_model": TimeMLP()}  # the stub's training cell raises before it trains anything
+    results = run_checks(CHAPTER, {k: v for k, v in stub.items() if k != "velocity_model"})
+    assert [r.status for r in results] == ["not attempted"] * 5 + ["error"]
+    assert "velocity_model" in results[-1].message and "run its cell" in results[-1].message
+    for name in names:
+        with pytest.raises(NotImplementedError) as info:
+            STUB[name](*([None] * STUB[name].__code__.co_argcount))
+        assert str(info.value).startswith("Exercise 5.")
+        for word in CODE_WORDS:
+            assert word not in str(info.value), (name, word)
+    _assert_clean_failure(check("5.6", stub["velocity_model"], seed=0), "x the floor", "train longer")
 
 
 def _coef(path, t, x):
@@ -157,3 +192,73 @@ def _pair(kind):
 ])
 def test_ot_pair_mistakes(kind, words):
     _assert_clean_failure(check("5.4", _pair(kind), seed=0), words)
+
+
+# ---- 5.5 the marginal velocity of a mixture ----------------------------------------------------
+def _marginal(kind):
+    """A student's marginal_velocity, written out, with one planted mistake."""
+    def marginal_velocity(x, t, means, stds, weights, path):
+        a, s = path.alpha(t)[:, None, None], path.sigma(t)[:, None, None]
+        da, ds = path.d_alpha(t)[:, None, None], path.d_sigma(t)[:, None, None]
+        sd = torch.zeros_like(stds) if kind == "points" else stds
+        var = a**2 * sd[None, :, None] ** 2 + s**2
+        diff = x[:, None, :] - a * means[None]
+        logits = torch.log(weights) - 0.5 * (diff**2).sum(-1) / var[..., 0] - 0.5 * x.shape[1] * torch.log(var[..., 0])
+        r = weights.expand(x.shape[0], -1) if kind == "prior" else torch.softmax(logits, dim=1)
+        x0_hat = (r[..., None] * (means[None] + a * sd[None, :, None] ** 2 / var * diff)).sum(1)
+        if kind == "through-sigma":  # E[eps | x] = (x - alpha E[x0 | x]) / sigma: 0/0 where sigma = 0
+            return da[:, 0] * x0_hat + ds[:, 0] * (x - a[:, 0] * x0_hat) / s[:, 0]
+        eps_hat = (r[..., None] * (s / var * diff)).sum(1)
+        if kind == "conditional":  # the conditional velocity at the most likely component's mean
+            return da[:, 0] * means[r.argmax(1)] + ds[:, 0] * eps_hat
+        return da[:, 0] * x0_hat + ds[:, 0] * eps_hat
+    return marginal_velocity
+
+
+def test_a_written_out_marginal_velocity_passes():
+    assert check("5.5", _marginal("right"), seed=3).passed
+
+
+@pytest.mark.parametrize("kind, words", [
+    ("prior", "weights the components by the mixture weights"),
+    ("points", "treats each component as a point"),
+    ("through-sigma", "0/0 where sigma = 0"),
+    ("conditional", "at t=0.00"),
+])
+def test_marginal_velocity_mistakes(kind, words):
+    _assert_clean_failure(check("5.5", _marginal(kind), seed=0), words)
+
+
+# ---- 5.6 a measured training run ---------------------------------------------------------------
+def test_an_undertrained_network_fails_with_its_numbers():
+    data, path = eight_gaussians(), LinearPath()
+    model, gen = TimeMLP(), torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(100):
+        x0 = data.sample(256, generator=gen)
+        eps, t = torch.randn(x0.shape, generator=gen), torch.rand(256, generator=gen)
+        loss = SOLUTION["cfm_loss"](model, x0, eps, t, path)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    _assert_clean_failure(check("5.6", model, seed=0), "your model reaches MMD", "x its noise floor", "train longer")
+
+
+@pytest.mark.parametrize("kind, words", [
+    ("seven-modes", "mode-weight error"),
+    ("lipman", "time convention"),
+    ("nan", "NaN or inf"),
+])
+def test_a_measured_model_that_misses_fails(kind, words):
+    _assert_clean_failure(check("5.6", _near_exact_model(kind), seed=0), words)
+
+
+def test_the_exact_velocity_is_not_a_trained_network():
+    exact = oracle_velocity(eight_gaussians(), LinearPath())
+    _assert_clean_failure(check("5.6", lambda x, t: exact(x.double(), t.double()).float(), seed=0),
+                          "is the exact velocity")
+
+
+def test_a_model_with_the_wrong_output_shape_is_named():
+    _assert_clean_failure(check("5.6", lambda x, t: x[:, :1], seed=0), "expected a velocity per point")

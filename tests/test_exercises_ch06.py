@@ -6,6 +6,7 @@ import torch
 
 from course import expand_like
 from course.exercises import check, run_checks
+from tests.exercise_harness import CODE_WORDS, assert_stubs_state_the_task
 from tests.notebook_code import notebook_functions
 from tests.test_exercises_ch01 import _assert_clean_failure
 
@@ -17,14 +18,13 @@ STUB = notebook_functions(f"exercises/{CHAPTER}.ipynb")
 @pytest.mark.parametrize("seed", [0, 1])
 def test_solutions_pass(seed):
     results = run_checks(CHAPTER, SOLUTION, seed=seed)
-    assert [r.exercise for r in results] == ["6.1", "6.2", "6.3"]
+    assert [r.exercise for r in results] == ["6.1", "6.2", "6.3", "6.4"]
     assert all(r.passed for r in results), [str(r) for r in results]
 
 
-def test_stubs_fail_cleanly():
-    for r in run_checks(CHAPTER, STUB):
-        assert r.status == "not attempted"
-        _assert_clean_failure(r, "NotImplementedError")
+def test_stubs_fail_cleanly_and_state_the_task_not_the_code():
+    assert_stubs_state_the_task(CHAPTER, STUB, ("cfg_combine", "guided_ddim_step", "sdedit", "guided_ddpm_step"),
+                                "Exercise 6.", CODE_WORDS)
 
 
 def _cfg(kind):
@@ -129,5 +129,56 @@ def test_all_checks_through_the_notebook_runner():
     namespace = dict(SOLUTION)
     del namespace["sdedit"]
     results = run_checks(CHAPTER, namespace, seed=0)
-    assert [r.status for r in results] == ["passed", "passed", "error"]
+    assert [r.status for r in results] == ["passed", "passed", "error", "passed"]
     assert "no function named sdedit" in results[2].message
+
+
+# ---- 6.4 Algorithm 1 ------------------------------------------------------------------------------
+def _ancestral(kind):
+    """A student's guided_ddpm_step, written out, with one planted mistake."""
+    def guided_ddpm_step(x, eps_hat, grad, scale, alpha_t, sigma_t, alpha_s, sigma_s, z):
+        a_t, s_t, a_s, s_s = (expand_like(v, x) for v in (alpha_t, sigma_t, alpha_s, sigma_s))
+        if kind == "eps-guided":
+            eps_hat = eps_hat - scale * s_t * grad
+        x0_hat = (x - s_t * eps_hat) / a_t
+        var = (s_t**2 - (a_t / a_s) ** 2 * s_s**2) * s_s**2 / s_t**2
+        mean = (a_t / a_s) * s_s**2 / s_t**2 * x + a_s * (s_t**2 - (a_t / a_s) ** 2 * s_s**2) / s_t**2 * x0_hat
+        shift = {"no-sigma": scale * grad, "sigma-t": scale * s_t**2 * grad, "eps-guided": 0 * grad}.get(
+            kind, scale * var * grad)
+        noise = var * z if kind == "var-noise" else var.sqrt() * z
+        if kind == "no-noise":
+            noise = 0 * z
+        return mean + shift + noise
+    return guided_ddpm_step
+
+
+def test_algorithm1_equals_the_library_step():
+    """The check's reference (the DDPM posterior written out) equals course.guidance's Algorithm 1 step, whose
+    mean comes from DDIM with eta = 1: the two forms of the same Gaussian."""
+    from course.guidance import classifier_guided_ddpm_step
+    from course.paths import LinearPath
+    from course.sde import VPSDE
+
+    gen = torch.Generator().manual_seed(0)
+    for path in (LinearPath(sigma_min=0.02), VPSDE()):
+        x, eps, grad, z = (torch.randn(8, 2, generator=gen, dtype=torch.float64) for _ in range(4))
+        t, s = torch.full((8,), 0.7, dtype=torch.float64), torch.full((8,), 0.4, dtype=torch.float64)
+        ours = SOLUTION["guided_ddpm_step"](x, eps, grad, 3.0, path.alpha(t), path.sigma(t), path.alpha(s),
+                                            path.sigma(s), z)
+        library = classifier_guided_ddpm_step(x, t, s, eps, grad, path, scale=3.0, z=z)
+        torch.testing.assert_close(ours, library, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind, words", [
+    ("no-sigma", "shifts the mean by scale * grad"),
+    ("sigma-t", "sigma_t^2"),
+    ("var-noise", "standard deviation sqrt(Sigma)"),
+    ("no-noise", "adds no noise"),
+    ("eps-guided", "like Algorithm 2"),
+])
+def test_algorithm1_mistakes(kind, words):
+    _assert_clean_failure(check("6.4", _ancestral(kind), seed=0), words)
+
+
+def test_a_written_out_algorithm1_passes():
+    assert check("6.4", _ancestral("right"), seed=5).passed

@@ -143,15 +143,16 @@ def test_points_come_from_the_registry_and_status_lists_each_problem(monkeypatch
             CheckResult(ex.id, ex.title, "passed" if ok else "failed", "") for ex, ok in zip(CHAPTERS[chapter], passed, strict=True)))
 
     g = StudentGrade("ann", (report("01_forward_sdes", "graded", [1, 0, 1]),
-                             report("03_probability_flow", "timed out", [1, 0])))
+                             report("03_probability_flow", "timed out", [1, 0, 0])))
     assert g.status == "03_probability_flow: timed out"
     assert g.total == 3
     weighted = {**CHAPTERS, "01_forward_sdes": tuple(
         type(ex)(ex.id, ex.title, ex.names, ex.check, points=p) for ex, p in zip(ch1, [2.5, 1, 1], strict=True))}
     monkeypatch.setattr("course.exercises.grade.CHAPTERS", weighted)
     book = list(csv.reader(io.StringIO(gradebook_csv([g]))))
-    assert book[0] == ["student", "ex 1.1", "ex 1.2", "ex 1.3", "ex 3.1", "ex 3.2", "total", "out of", "status"]
-    assert book[1] == ["ann", "2.5", "0", "1", "1", "0", "4.5", "6.5", "03_probability_flow: timed out"]
+    assert book[0] == ["student", "ex 1.1", "ex 1.2", "ex 1.3", "ex 3.1", "ex 3.2", "ex 3.3", "total", "out of",
+                       "status"]
+    assert book[1] == ["ann", "2.5", "0", "1", "1", "0", "0", "4.5", "7.5", "03_probability_flow: timed out"]
 
 
 def test_grade_command_errors(tmp_path, capsys):
@@ -182,7 +183,7 @@ def test_gradebook_cells_cannot_start_a_formula():
     rows = list(csv.reader(io.StringIO(gradebook_csv([g, StudentGrade("@bob", g.reports), StudentGrade("-x", g.reports),
                                                      StudentGrade("ann", g.reports)]))))
     assert [r[0] for r in rows[1:]] == ["'=HYPERLINK(\"http://x\")", "'@bob", "'-x", "ann"]
-    assert rows[1][1:] == ["1", "1", "2", "2", "graded"]
+    assert rows[1][1:] == ["1", "1", "1", "3", "3", "graded"]
 
 
 def test_partial_gradebook_keeps_each_grade_until_the_full_one_is_written(tmp_path):
@@ -191,12 +192,12 @@ def test_partial_gradebook_keeps_each_grade_until_the_full_one_is_written(tmp_pa
     ch = "03_probability_flow"
     partial = PartialGradebook(tmp_path)
     rep = NotebookReport("x.ipynb", ch, "graded", (CheckResult("3.1", "t", "passed", ""),
-                                                   CheckResult("3.2", "t", "failed", "")))
+                                                   CheckResult("3.2", "t", "failed", ""), CheckResult("3.3", "t", "failed", "")))
     partial.add(Submission("+ann", ch, None), rep)
-    assert (tmp_path / PARTIAL).read_text() == "student,chapter,points,out of,status\n'+ann,03_probability_flow,1,2,graded\n"
+    assert (tmp_path / PARTIAL).read_text() == "student,chapter,points,out of,status\n'+ann,03_probability_flow,1,3,graded\n"
     write_results([StudentGrade("+ann", (rep,))], tmp_path)
     assert not (tmp_path / PARTIAL).exists() and (tmp_path / "gradebook.csv").read_text().splitlines()[1] == \
-        "'+ann,1,0,1,2,graded"
+        "'+ann,1,0,0,1,3,graded"
     assert not list(tmp_path.rglob("*.tmp"))
 
 

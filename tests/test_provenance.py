@@ -51,6 +51,12 @@ def test_own_code_passes_and_the_message_says_how():
     assert reference_use(own, "reverse_em_step", REF) is None
     shadow = ["import course.samplers as sde", f"def reverse_em_step({SIG}):\n    return sde.reverse_em_step(x)"]
     assert reference_use(shadow, "reverse_em_step", REF) is None  # the parameter sde is the check's object
+    helper_named_like_a_parameter = [
+        "from course.samplers import reverse_em_step as library_step",
+        "def score_fn(x, t):\n    return library_step(x, t, 0.1, None, None, x)",  # a notebook def, elsewhere
+        f"def reverse_em_step({SIG}):\n    g = sde.diffusion(t)\n    return x - (sde.drift(x, t) - g**2 * score_fn(x, t)) * dt",
+    ]  # score_fn in the answer is its parameter (the check's score), not the notebook's def of that name
+    assert reference_use(helper_named_like_a_parameter, "reverse_em_step", REF) is None
     assert reference_use(COPIES["a helper"], "reverse_em_step", REF) == \
         "it uses course.samplers.reverse_em_step through helper"
     redefined = [*COPIES["an alias"], f"def reverse_em_step({SIG}):\n    return x"]  # the last definition counts

@@ -2,13 +2,16 @@
 
 Exercise 3.1  ``probability_flow_drift(x, t, sde, score_fn)``
 Exercise 3.2  ``hutchinson_divergence(velocity, x, t, probes)``
+Exercise 3.3  ``ode_log_likelihood(x, velocity, divergence, prior_log_prob, ts)``: the augmented ODE
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
+from torch import Tensor
 
 from ..ode import hutchinson_divergence as reference_hutchinson
 from ..utils import expand_like
@@ -85,3 +88,93 @@ def check_hutchinson_divergence(hutchinson_divergence: Callable, *, seed: int | 
                 "3 Gaussian probes.")
 
     return run_check("3.2", "Hutchinson divergence estimator", body)
+
+
+# ---- 3.3 the likelihood integral -----------------------------------------------------------------
+def _euler_log_likelihood(x, velocity, divergence, prior_log_prob, ts, *, mistake: str = ""):
+    """log p_{ts[0]}(x) = log p_1(x_1) + int div v dt by Euler on ``ts``; ``mistake`` plants one."""
+    start, delta = x, torch.zeros(x.shape[0], dtype=x.dtype)
+    for a, b in zip(ts[:-1].tolist(), ts[1:].tolist(), strict=True):
+        t = torch.full((x.shape[0],), a, dtype=x.dtype)
+        step = velocity(x, t) * (b - a)
+        new = x - step if mistake == "backwards" else x + step
+        at = new if mistake == "late divergence" else x
+        delta = delta + divergence(at, t) * (b - a)
+        x = new
+    if mistake == "minus":
+        return prior_log_prob(x) - delta
+    if mistake == "no prior":
+        return delta
+    if mistake == "prior at start":
+        return prior_log_prob(start) + delta
+    return prior_log_prob(x) + delta
+
+
+def _field(gen: torch.Generator, d: int):
+    """v(x, t) = tanh(x A^T) + t x^2 per coordinate, and its divergence in closed form."""
+    a = torch.randn(d, d, generator=gen, dtype=torch.float64) / d**0.5
+
+    def flat(x):
+        return x.flatten(1)
+
+    def velocity(x, t):
+        if not isinstance(t, Tensor) or t.shape != (x.shape[0],):
+            raise ValueError(f"velocity expects t as a tensor of shape ({x.shape[0]},), one time per sample; got "
+                             f"{type(t).__name__} {tuple(getattr(t, 'shape', ()))}")
+        h = flat(x)
+        return (torch.tanh(h @ a.T) + expand_like(t, h) * h**2).reshape(x.shape)
+
+    def divergence(x, t):
+        if not isinstance(t, Tensor) or t.shape != (x.shape[0],):
+            raise ValueError(f"divergence expects t as a tensor of shape ({x.shape[0]},); got "
+                             f"{type(t).__name__} {tuple(getattr(t, 'shape', ()))}")
+        h = flat(x)
+        return ((1 - torch.tanh(h @ a.T) ** 2) * torch.diagonal(a)).sum(1) + 2 * t * h.sum(1)
+
+    return velocity, divergence
+
+
+def check_ode_log_likelihood(ode_log_likelihood: Callable, *, seed: int | None = None) -> CheckResult:
+    """Exercise 3.3: integrate x and the divergence together by Euler on ``ts`` (from t_min up to 1) and
+    return log p_1(x_1) + int div v dt, per sample."""
+    gen = _generator(seed)
+
+    def body() -> str:
+        for shape in [(16, 2), (4, 1, 3, 3)]:
+            d = int(torch.tensor(shape[1:]).prod())
+            velocity, divergence = _field(gen, d)
+            scale = 0.5 + torch.rand((), generator=gen).item()
+
+            def prior_log_prob(x, scale=scale, d=d):
+                h = x.flatten(1)
+                return -0.5 * (h / scale).pow(2).sum(1) - d * (math.log(scale) + 0.5 * math.log(2 * math.pi))
+
+            for n in (1, 7):
+                t_min = 1e-3 + 0.1 * torch.rand((), generator=gen).item()
+                ts = torch.linspace(t_min, 1.0, n + 1, dtype=torch.float64)
+                x = torch.randn(shape, generator=gen, dtype=torch.float64)
+                where = f"with {n} Euler step(s) from t={t_min:.3f} to 1 for input shape {shape}"
+                got = call_student(ode_log_likelihood, "ode_log_likelihood", x.clone(), velocity, divergence,
+                                   prior_log_prob, ts.clone(), where=where)
+                if isinstance(got, tuple):
+                    raise Mismatch(f"ode_log_likelihood returned a tuple {where}; return only log p(x), shape "
+                                   f"({shape[0]},)")
+
+                def mutant(m, x=x, ts=ts, velocity=velocity, divergence=divergence, prior=prior_log_prob):
+                    return _euler_log_likelihood(x, velocity, divergence, prior, ts, mistake=m)
+
+                compare("ode_log_likelihood", got, mutant(""), where=where, mistakes={
+                    "subtracts the divergence integral: d log p(x_t)/dt = -div v, so going from x_1 back to the "
+                    "data log p_0(x_0) = log p_1(x_1) + int div v dt": mutant("minus"),
+                    "leaves out log p_1(x_1), the prior's log-density at the end of the ODE": mutant("no prior"),
+                    "evaluates the prior at the data point x; it belongs at the ODE's end point x_1":
+                        mutant("prior at start"),
+                    "evaluates the divergence after the Euler step; Euler uses both derivatives at the step's "
+                    "start": mutant("late divergence"),
+                    "moves x against the velocity; from t_min up to 1 each step is x + v dt with dt > 0":
+                        mutant("backwards"),
+                })
+        return ("ode_log_likelihood integrates x and the divergence together and adds the prior at x_1, like the "
+                "reference, with 1 and 7 Euler steps on 2-D and image shapes.")
+
+    return run_check("3.3", "the likelihood integral of the augmented ODE", body)

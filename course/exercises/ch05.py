@@ -4,6 +4,8 @@ Exercise 5.1  ``conditional_flow(x0, eps, t, path) -> (x_t, u_t)``
 Exercise 5.2  ``cfm_loss(model, x0, eps, t, path) -> scalar``
 Exercise 5.3  ``velocity_to_score(v, x, t, path)`` and ``score_to_velocity(score, x, t, path)``
 Exercise 5.4  ``ot_pair(x0, eps) -> eps reordered``
+Exercise 5.5  ``marginal_velocity(x, t, means, stds, weights, path)``: the exact velocity of mixture data
+Exercise 5.6  ``velocity_model``: the student's own trained network, measured on the 8-mode mixture
 
 Every check draws fresh inputs from ``seed`` and uses the linear (rectified-flow) path with a
 random sigma_min and a VP path with random betas, on 2-D points and images.
@@ -15,11 +17,12 @@ from collections.abc import Callable
 
 import torch
 from scipy.optimize import linear_sum_assignment
-from torch import nn
+from torch import Tensor, nn
 
 from ..conversions import convert
-from ..flow_matching import conditional_velocity, ot_coupling
+from ..flow_matching import conditional_velocity, oracle_velocity, ot_coupling
 from ..paths import LinearPath
+from ..toy_data import GaussianMixture, eight_gaussians
 from ..utils import expand_like
 from .ch01 import _generator, _random_vp
 from .verdict import (
@@ -216,3 +219,123 @@ def check_ot_pair(ot_pair: Callable, *, seed: int | None = None) -> CheckResult:
         return "ot_pair returns the cost-minimising reordering of eps on 2-D and image batches."
 
     return run_check("5.4", "minibatch OT coupling", body)
+
+
+# ---- 5.5 the marginal velocity of a Gaussian mixture ---------------------------------------------
+def _mixture_velocity(x, t, means, stds, weights, path, *, mistake: str = ""):
+    """sum_k p(k | x_t) (alpha' E[x0 | x_t, k] + sigma' E[eps | x_t, k]); ``mistake`` plants one."""
+    a, s = path.alpha(t)[:, None, None], path.sigma(t)[:, None, None]  # (B, 1, 1)
+    da, ds = path.d_alpha(t)[:, None, None], path.d_sigma(t)[:, None, None]
+    sd = torch.zeros_like(stds) if mistake == "points" else stds
+    var = a**2 * sd[None, :, None] ** 2 + s**2  # (B, K, 1)
+    diff = x[:, None, :] - a * means[None]  # (B, K, D)
+    if mistake == "clean responsibilities":
+        log_r = torch.log(weights) - 0.5 * ((x[:, None, :] - means[None]) ** 2).sum(-1) / stds**2 \
+            - x.shape[1] * torch.log(stds)
+    else:
+        log_r = torch.log(weights) - 0.5 * (diff**2).sum(-1) / var[..., 0] - 0.5 * x.shape[1] * torch.log(var[..., 0])
+    r = weights[None].expand(x.shape[0], -1) if mistake == "prior weights" else torch.softmax(log_r, dim=1)
+    x0 = means[None] + a * sd[None, :, None] ** 2 / var * diff
+    eps = s / var * diff
+    comp = da * x0 + ds * eps  # (B, K, D)
+    if mistake == "velocity at the means":
+        comp = da * means[None] + ds * eps
+    return (r[..., None] * comp).sum(1)
+
+
+def check_marginal_velocity(marginal_velocity: Callable, *, seed: int | None = None) -> CheckResult:
+    """Exercise 5.5: the exact marginal velocity of a Gaussian mixture under a path, at t = 0 and t = 1 too."""
+    gen = _generator(seed)
+
+    def body() -> str:
+        for k, d in [(8, 2), (5, 3)]:
+            means = 2 * torch.randn(k, d, generator=gen, dtype=torch.float64)
+            stds = 0.05 + 0.45 * torch.rand(k, generator=gen, dtype=torch.float64)
+            weights = torch.rand(k, generator=gen, dtype=torch.float64) + 0.2
+            weights = weights / weights.sum()
+            exact = GaussianMixture(means, stds, weights)
+            for path in [*_paths(gen), LinearPath()]:  # sigma_min = 0 too: there sigma(0) = 0
+                v_ref = oracle_velocity(exact, path)
+                x = 2 * torch.randn(16, d, generator=gen, dtype=torch.float64)
+                times = [("at t=1.00", torch.ones(16, dtype=torch.float64)),
+                         ("at per-sample t", torch.rand(16, generator=gen, dtype=torch.float64))]
+                if isinstance(path, LinearPath):  # the VP path's sigma' is infinite at t = 0
+                    times.insert(0, ("at t=0.00", torch.zeros(16, dtype=torch.float64)))
+                for when, t in times:
+                    where = f"{when} for {k} components in {d}-D on the {_path_name(path)}"
+                    got = call_student(marginal_velocity, "marginal_velocity", x.clone(), t.clone(), means.clone(),
+                                       stds.clone(), weights.clone(), path, where=where)
+                    if isinstance(got, Tensor) and got.shape == x.shape and not torch.isfinite(got).all() \
+                            and when != "at per-sample t":
+                        raise Mismatch(f"marginal_velocity returned NaN or inf {where}: E[eps | x] written as "
+                                       "(x - alpha E[x0 | x]) / sigma is 0/0 where sigma = 0, and E[x0 | x] through "
+                                       "the score divides by alpha = 0; use each component's Gaussian posterior, "
+                                       "which is finite at both ends")
+
+                    def mutant(m, x=x, t=t, means=means, stds=stds, weights=weights, path=path):
+                        return _mixture_velocity(x, t, means, stds, weights, path, mistake=m)
+
+                    compare("marginal_velocity", got, v_ref(x, t), where=where, mistakes={
+                        "weights the components by the mixture weights w_k; the marginal velocity weights them by "
+                        "the posterior p(k | x_t), which depends on x and t": mutant("prior weights"),
+                        "treats each component as a point at its mean (its std s_k is left out)": mutant("points"),
+                        "takes p(k | x_t) from the clean components N(mu_k, s_k^2); at time t component k is "
+                        "N(alpha mu_k, (alpha^2 s_k^2 + sigma^2) I)": mutant("clean responsibilities"),
+                        "uses alpha' mu_k, not alpha' E[x0 | x_t, k]: given x_t, x0 is not the component's mean":
+                            mutant("velocity at the means"),
+                    })
+        return ("marginal_velocity matches the exact velocity of the mixture on the linear and VP paths, in 2-D and "
+                "3-D, at t = 1, at per-sample times and (linear path) at t = 0.")
+
+    return run_check("5.5", "the marginal velocity of a Gaussian mixture", body)
+
+
+# ---- 5.6 a measured training run ----------------------------------------------------------------
+MEASURED_N, MEASURED_SETS, MEASURED_STEPS = 2000, 3, 100
+MAX_MMD_RATIO, MAX_MODE_ERROR = 1.5, 0.025
+
+
+def check_own_velocity_model(velocity_model: Callable, *, seed: int | None = None) -> CheckResult:
+    """Exercise 5.6: the student's trained velocity network on the 8-mode mixture (linear path,
+    t = 1 noise): 100 Euler steps from fresh noise, MMD at most 1.5 x its floor (mean over 3 sets of 2000)
+    and every mode's weight within 0.025 of 1/8 (the mean over the sets of the largest error); not the exact
+    velocity."""
+    gen = _generator(seed)
+
+    def body() -> str:
+        from ..metrics import make_reference, sample_quality
+
+        data, path = eight_gaussians(), LinearPath()
+        probe = 2.5 * torch.randn(64, 2, generator=gen)
+        t_probe = torch.rand(64, generator=gen)
+        with torch.no_grad():
+            got = call_student(velocity_model, "velocity_model", probe.clone(), t_probe.clone(),
+                               where="on 64 points with one time per sample")
+        if not isinstance(got, Tensor) or got.shape != probe.shape:
+            raise Mismatch(f"velocity_model returned {type(got).__name__} {tuple(getattr(got, 'shape', ()))} for "
+                           "points of shape (64, 2) and t of shape (64,); expected a velocity per point, shape (64, 2)")
+        exact = oracle_velocity(data, path)(probe.double(), t_probe.double())
+        if torch.allclose(got.double(), exact, rtol=1e-3, atol=1e-3):
+            raise Mismatch("velocity_model is the exact velocity of the mixture; the exercise is to train a network")
+        reference = make_reference(data, MEASURED_N, repeats=MEASURED_SETS, generator=gen)
+        x = torch.randn(MEASURED_N * MEASURED_SETS, 2, generator=gen)
+        ts = torch.linspace(1.0, 0.0, MEASURED_STEPS + 1).tolist()
+        with torch.no_grad():
+            for a, b in zip(ts[:-1], ts[1:], strict=True):
+                v = call_student(velocity_model, "velocity_model", x, torch.full((len(x),), a),
+                                 where=f"while sampling with {MEASURED_STEPS} Euler steps")
+                x = x + v.float() * (b - a)
+        if not torch.isfinite(x).all():
+            raise Mismatch(f"sampling velocity_model with {MEASURED_STEPS} Euler steps from t = 1 to 0 gave NaN or inf")
+        q = sample_quality(x, reference)
+        facts = (f"MMD {q.mmd_ratio:.2f} +/- {q.mmd_ratio_se:.2f} x its noise floor and a largest mode-weight error "
+                 f"of {q.mode_error:.3f} ({MEASURED_SETS} sets of {MEASURED_N} samples, {MEASURED_STEPS} Euler steps)")
+        if q.mmd_ratio > MAX_MMD_RATIO or q.mode_error > MAX_MODE_ERROR:
+            raise Mismatch(f"your model reaches {facts}; at most {MAX_MMD_RATIO:g} x the floor and a mode-weight "
+                           f"error of {MAX_MODE_ERROR} pass: train longer, with a learning-rate decay, or check the "
+                           "time convention (t = 1 is noise, the target is eps - x0)")
+        return (f"your trained velocity network samples the 8-mode mixture within {MAX_MMD_RATIO:g} x the MMD's noise "
+                f"floor and {MAX_MODE_ERROR} of every mode's weight ({MEASURED_SETS} sets of {MEASURED_N} samples, "
+                f"{MEASURED_STEPS} Euler steps).")
+
+    return run_check("5.6", "your own flow-matching training run, measured", body)

@@ -3,6 +3,7 @@
 Exercise 6.1  ``cfg_combine(model, x, t, y, w, null_label) -> (1 + w) cond - w uncond``
 Exercise 6.2  ``guided_ddim_step(x, eps_hat, grad, scale, alpha_t, sigma_t, alpha_s, sigma_s)``
 Exercise 6.3  ``sdedit(velocity_fn, x, t0, n_steps, eps, path)``
+Exercise 6.4  ``guided_ddpm_step(x, eps_hat, grad, scale, alpha_t, sigma_t, alpha_s, sigma_s, z)``: Algorithm 1
 
 Every check draws fresh inputs from ``seed``: random class-dependent models, random guidance
 weights and scales, the linear path with a random sigma_min and a VP path with random betas, on
@@ -186,3 +187,60 @@ def check_sdedit(sdedit: Callable, *, seed: int | None = None) -> CheckResult:
 
     return run_check("6.3", "SDEdit: perturb, then denoise", body)
 
+
+
+# ---- 6.4 Algorithm 1: the classifier-guided ancestral step -----------------------------------------
+def _ddpm(x, e, grad, scale, z, a_t, s_t, a_s, s_s, *, mistake: str = ""):
+    """The ancestral step from t to s with its mean shifted by scale * Sigma * grad; ``mistake`` plants one."""
+    var = s_s**2 * (1 - (a_t * s_s) ** 2 / (a_s * s_t) ** 2)  # Sigma = c^2 of q(x_s | x_t, x_0)
+    if mistake == "algorithm 2":
+        e = e - scale * s_t * grad
+    x0 = (x - s_t * e) / a_t
+    mean = a_s * x0 + (s_s**2 - var).sqrt() * e
+    if mistake == "ddim mean":
+        mean = a_s * x0 + s_s * e
+    shift = {"no sigma": scale * grad, "forward variance": scale * s_t**2 * grad, "minus": -scale * var * grad,
+             "unguided": 0 * grad, "algorithm 2": 0 * grad}.get(mistake, scale * var * grad)
+    noise = {"variance as std": var * z, "no noise": 0 * z}.get(mistake, var.sqrt() * z)
+    return mean + shift + noise
+
+
+def check_guided_ddpm_step(guided_ddpm_step: Callable, *, seed: int | None = None) -> CheckResult:
+    """Exercise 6.4: x_s ~ N(mu + scale Sigma grad, Sigma), mu and Sigma those of the DDPM posterior."""
+    gen = _generator(seed)
+
+    def body() -> str:
+        for path in _paths(gen):
+            for shape in SHAPES:
+                for t, s in [(0.9, 0.7), (0.5, 0.3), (0.1, 0.02)]:
+                    x, eps, grad, z = (torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(4))
+                    scale = 0.5 + 4.5 * torch.rand((), generator=gen).item()
+                    tt = torch.full((shape[0],), t, dtype=torch.float64)
+                    ss = torch.full((shape[0],), s, dtype=torch.float64)
+                    coefs = (path.alpha(tt), path.sigma(tt), path.alpha(ss), path.sigma(ss))
+                    where = f"from t={t} to s={s} at scale {scale:.2f} for input shape {shape} on the {_path_name(path)}"
+                    got = call_student(guided_ddpm_step, "guided_ddpm_step", x.clone(), eps.clone(), grad.clone(),
+                                       scale, *(c.clone() for c in coefs), z.clone(), where=where)
+                    expanded = [expand_like(c, x) for c in coefs]
+
+                    def step(m="", x=x, eps=eps, grad=grad, scale=scale, z=z, expanded=expanded):
+                        return _ddpm(x, eps, grad, scale, z, *expanded, mistake=m)
+
+                    compare("guided_ddpm_step", got, step(), where=where, mistakes={
+                        "shifts the mean by scale * grad: Algorithm 1 shifts it by scale * Sigma * grad, Sigma the "
+                        "step's variance": step("no sigma"),
+                        "shifts the mean by scale * sigma_t^2 * grad; Sigma is the variance of the step from t to s, "
+                        "not of the noise at t": step("forward variance"),
+                        "moves against the classifier's gradient: the shift is + scale * Sigma * grad":
+                            step("minus"),
+                        "adds Sigma * z; the noise has standard deviation sqrt(Sigma)": step("variance as std"),
+                        "adds no noise: Algorithm 1 samples x_s from N(mu + scale Sigma grad, Sigma)": step("no noise"),
+                        "uses the deterministic DDIM mean alpha_s x0_hat + sigma_s eps_hat; the ancestral step's mean "
+                        "keeps only sqrt(sigma_s^2 - Sigma) of eps_hat": step("ddim mean"),
+                        "is the unguided ancestral step (the gradient is not used)": step("unguided"),
+                        "guides eps_hat like Algorithm 2 (eps_hat - scale sigma_t grad) instead of shifting the "
+                        "ancestral step's mean": step("algorithm 2"),
+                    })
+        return "guided_ddpm_step matches Algorithm 1 on the linear and VP paths, 2-D and image shapes."
+
+    return run_check("6.4", "one classifier-guided ancestral step (Algorithm 1)", body)

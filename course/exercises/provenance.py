@@ -171,8 +171,19 @@ def reference_use(sources: Iterable[str], name: str, references: Iterable[str]) 
         dynamic = _dynamic_course_string(node)
         if dynamic:
             return dynamic + ("" if current == name else f" in {current}")
-        todo += [inner.id for inner in ast.walk(node) if isinstance(inner, ast.Name) and inner.id in nb.defs]
+        shadowed = _parameters(node)  # a parameter named like a notebook def is the caller's object, not that def
+        todo += [inner.id for inner in ast.walk(node)
+                 if isinstance(inner, ast.Name) and inner.id in nb.defs and inner.id not in shadowed]
     return None
+
+
+def _parameters(node: ast.AST) -> set[str]:
+    """The parameter names of a function or lambda (nothing for any other node)."""
+    if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+        return set()
+    params = node.args
+    return {a.arg for a in [*params.posonlyargs, *params.args, *params.kwonlyargs, params.vararg, params.kwarg]
+            if a is not None}
 
 
 def _dynamic_lookup(call: ast.Call, aliases: dict[str, str]) -> str | None:
