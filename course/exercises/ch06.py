@@ -17,6 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ..guidance import classifier_guided_ddpm_step
 from ..utils import expand_like
 from .ch01 import _generator
 from .ch05 import _path_name, _paths
@@ -191,7 +192,8 @@ def check_sdedit(sdedit: Callable, *, seed: int | None = None) -> CheckResult:
 
 # ---- 6.4 Algorithm 1: the classifier-guided ancestral step -----------------------------------------
 def _ddpm(x, e, grad, scale, z, a_t, s_t, a_s, s_s, *, mistake: str = ""):
-    """The ancestral step from t to s with its mean shifted by scale * Sigma * grad; ``mistake`` plants one."""
+    """The ancestral step from t to s written out, with one planted ``mistake`` (the reference is
+    ``course.guidance.classifier_guided_ddpm_step``)."""
     var = s_s**2 * (1 - (a_t * s_s) ** 2 / (a_s * s_t) ** 2)  # Sigma = c^2 of q(x_s | x_t, x_0)
     if mistake == "algorithm 2":
         e = e - scale * s_t * grad
@@ -226,7 +228,8 @@ def check_guided_ddpm_step(guided_ddpm_step: Callable, *, seed: int | None = Non
                     def step(m="", x=x, eps=eps, grad=grad, scale=scale, z=z, expanded=expanded):
                         return _ddpm(x, eps, grad, scale, z, *expanded, mistake=m)
 
-                    compare("guided_ddpm_step", got, step(), where=where, mistakes={
+                    reference = classifier_guided_ddpm_step(x, tt, ss, eps, grad, path, scale=scale, z=z)
+                    compare("guided_ddpm_step", got, reference, where=where, mistakes={
                         "shifts the mean by scale * grad: Algorithm 1 shifts it by scale * Sigma * grad, Sigma the "
                         "step's variance": step("no sigma"),
                         "shifts the mean by scale * sigma_t^2 * grad; Sigma is the variance of the step from t to s, "
