@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 
 lab: $(STAMP)
-	$(BIN)/jupyter lab $(ROOT_FLAG)
+	$(BIN)/course lab $(ROOT_FLAG)
 
 test: $(STAMP)
 	$(BIN)/ruff check course tests

@@ -1,4 +1,4 @@
-"""The ``course`` command line: ``build-exercises``, ``check``, ``grade``, ``train`` and ``doctor``."""
+"""The ``course`` command line: ``build-exercises``, ``check``, ``grade``, ``train``, ``doctor`` and ``lab``."""
 
 from __future__ import annotations
 
@@ -168,6 +168,19 @@ def _doctor(args) -> int:
     return 0 if all(c.ok for c in checks) else 1
 
 
+def _lab(args) -> int:
+    from .lab import prepare_lab
+
+    for line in prepare_lab():
+        print(line)
+    if args.prepare_only:
+        return 0
+    command = [str(Path(sys.executable).with_name("jupyter")), "lab", *args.jupyter_args]
+    sys.stdout.flush()
+    os.execv(command[0], command)
+    return 0  # not reached: execv replaces this process
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="course", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -233,12 +246,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("doctor", help="check that this environment can run the course")
     p.set_defaults(func=_doctor)
+
+    p = sub.add_parser("lab", help="install the course's JupyterLab settings, trust its notebooks, open JupyterLab "
+                                   "(make lab)")
+    p.add_argument("--prepare-only", action="store_true", help="install and trust, but do not start JupyterLab")
+    p.epilog = "Any other options (--allow-root, --port=8890, ...) are passed on to `jupyter lab`."
+    p.set_defaults(func=_lab)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``course`` console script; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "lab":
+        args.jupyter_args = extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return args.func(args)
 
 

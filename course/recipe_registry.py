@@ -32,7 +32,7 @@ from torch import nn
 from . import distributed
 from .datasets import ImageData, load_cifar10, load_mnist
 from .training import CheckpointError, TrainConfig, load_checkpoint, save_checkpoint, train
-from .utils import check_positive, check_positive_int, fast_mode, offline_mode
+from .utils import check_positive, check_positive_int, display_path, fast_mode, offline_mode
 
 __all__ = ["Recipe", "RecipeKind", "RECIPES", "KINDS", "DATASETS", "IMAGE_SHAPES", "register_kind", "register_recipe", "get_recipe",
            "build_model", "recipe_loss", "run_recipe", "RecipeResult", "checkpoint_dir", "sha256_of", "manifest",
@@ -136,7 +136,7 @@ def load_data(recipe: Recipe, split: str, *, verbose: bool = True, variant: str 
             data = _torchvision_mnist(split, data_root(), download=not offline_mode())
         except Exception as exc:  # noqa: BLE001 - missing files, no network
             first = (str(exc).strip().splitlines() or [""])[0][:160]
-            raise RuntimeError(f"--data full needs the 70 000 torchvision MNIST digits in {data_root()}, which could "
+            raise RuntimeError(f"--data full needs the 70 000 torchvision MNIST digits in {display_path(data_root())}, which could "
                                f"not be had here ({type(exc).__name__}: {first}); run once with a network and "
                                "COURSE_OFFLINE unset, or train without --data full") from exc
         if verbose:

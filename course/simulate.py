@@ -126,7 +126,7 @@ class MarginalCheck:
         return self.mean_se <= self.n_se and self.std_se <= self.n_se
 
     def __str__(self) -> str:
-        verdict = "ok" if self.ok else "MISMATCH"
+        verdict = "ok" if self.ok else f"outside {self.n_se:g} SE"
         return (f"t={self.t:5.3f}  mean(z)={self.mean:+.4f} ({self.mean_se:.1f} SE)  "
                 f"std(z)={self.std:.4f} ({self.std_se:.1f} SE)  {verdict}")
 

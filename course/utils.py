@@ -25,6 +25,7 @@ __all__ = [
     "check_positive_int",
     "check_positive",
     "check_batch",
+    "display_path",
 ]
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -50,6 +51,18 @@ def default_device() -> torch.device:
     if mps is not None and mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def display_path(path) -> str:
+    """``path`` as messages and notebook outputs print it: the home folder written as ``~``, so a
+    saved output does not carry the user's name or machine layout."""
+    from pathlib import Path
+
+    path = Path(path).expanduser()
+    try:
+        return str(Path("~") / path.absolute().relative_to(Path.home()))
+    except (ValueError, RuntimeError):  # not under home, or no home
+        return str(path)
 
 
 def _env_flag(name: str) -> bool:

@@ -1,7 +1,10 @@
 """One source, two outputs: exercises/ is generated from solutions/ and checked headless."""
 
 import json
+import re
 import shutil
+import socket
+from pathlib import Path
 
 import nbformat
 import pytest
@@ -132,6 +135,43 @@ def test_committed_notebooks_are_executed_with_their_figures(folder):
         for i, cell in enumerate(code):
             if "plt.subplots(" in cell.source:
                 kinds = {k for out in cell.outputs for k in out.get("data", {})}
-                if "application/vnd.jupyter.widget-view+json" in kinds:
-                    continue  # the figure is drawn inside a widget, live only
                 assert "image/png" in kinds, f"{path}, code cell {i + 1}: draws a figure but has none in its output"
+            for out in cell.outputs:  # a widget alone shows nothing without a kernel or trust
+                if "application/vnd.jupyter.widget-view+json" in out.get("data", {}):
+                    assert "image/png" in out["data"], (f"{path}, code cell {i + 1}: a widget output without the "
+                                                        "static picture of its default values (interactive_figure)")
+
+
+# Absolute paths of a machine (scratch folders, home folders, installed packages) and drive letters.
+MACHINE_PATH = re.compile(r"(?<![\w.~])/(?:tmp|home|root|Users|work|var|opt|private|mnt|srv)/[^\s'\"]*"
+                          r"|site-packages|dist-packages|\b[A-Za-z]:\\")
+
+
+def _output_texts(out) -> list[str]:
+    texts = [out.get("text", "")] + list(out.get("traceback", []))
+    texts += [v for k, v in out.get("data", {}).items() if k.startswith("text/") and isinstance(v, str)]
+    return texts
+
+
+@pytest.mark.parametrize("folder", ["notebooks", "solutions"])
+def test_committed_outputs_carry_nothing_of_the_machine(folder):
+    """No interpreter paths, home folders, user or host names in what a student opens."""
+    home, host = str(Path.home()), socket.gethostname()
+    found = []
+    for path in sorted((ROOT / folder).glob("*.ipynb")):
+        nb = nbformat.read(path, as_version=4)
+        for i, cell in enumerate(c for c in nb.cells if c.cell_type == "code"):
+            for text in (t for out in cell.outputs for t in _output_texts(out)):
+                hits = [m.group(0) for m in MACHINE_PATH.finditer(text)]
+                hits += [home] if home not in ("/", "") and home in text else []
+                hits += [host] if len(host) >= 4 and re.search(rf"\b{re.escape(host)}\b", text) else []
+                found += [f"{path.name}, code cell {i + 1}: {h}" for h in hits]
+    assert not found, "machine-specific strings in committed outputs:\n" + "\n".join(found)
+
+
+def test_machine_path_pattern():
+    for text in ("at /tmp/venvtest/bin/python", "/home/ana/x.py", "C:\\Users\\ana", "/root/.cache/course",
+                 "lib/python3.11/site-packages/torch"):
+        assert MACHINE_PATH.search(text), text
+    for text in (".venv/bin/python (in the course folder)", "~/.cache/course/data", "x/tmp", "24 steps/s"):
+        assert not MACHINE_PATH.search(text), text

@@ -12,7 +12,14 @@ from course.nets import TimeMLP  # noqa: E402
 from course.plotting import plot_images  # noqa: E402
 from course.recipes import sample_classes  # noqa: E402
 from course.unet import UNet  # noqa: E402
-from course.widgets import cfg_samples, guidance_slider  # noqa: E402
+from course.widgets import (  # noqa: E402
+    InteractiveFigure,
+    cfg_samples,
+    figure_png,
+    guidance_slider,
+    interactive_figure,
+    png_title,
+)
 
 
 def _unet():
@@ -63,9 +70,55 @@ def test_guidance_slider_draws_the_function_at_each_value():
     slider = widget.children[0]
     assert (slider.min, slider.max, slider.value) == (0.0, 4.0, 0.0)
     torch.testing.assert_close(widget.result, cfg_samples(net, 0.0, classes=[0, 1, 2], per_class=2, nfe=2, seed=1))
+    assert slider.layout.width == "680px"
+    assert png_title(widget.static_png) == "classifier-free guidance, w = 0 (2 Euler steps)"
     slider.value = 3.0
     torch.testing.assert_close(widget.result, cfg_samples(net, 3.0, classes=[0, 1, 2], per_class=2, nfe=2, seed=1))
-    plt.close("all")
+    assert png_title(widget.static_png) == "classifier-free guidance, w = 0 (2 Euler steps)"  # stays the default
+    assert plt.get_fignums() == []  # every drawing is closed once shown
+
+
+def test_figure_png_carries_the_title():
+    fig, ax = plt.subplots()
+    ax.set_title("VE, t = 0.50")
+    png = figure_png(fig)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and png_title(png) == "VE, t = 0.50"
+    fig.suptitle("all of it")
+    assert png_title(figure_png(fig)) == "all of it"  # the suptitle names the whole figure
+    plt.close(fig)
+    fig = plt.figure()
+    assert png_title(figure_png(fig)) == ""
+    plt.close(fig)
+    with pytest.raises(ValueError, match="PNG signature"):
+        png_title(b"GIF89a")
+
+
+def test_interactive_figure_bundles_the_widget_and_its_first_picture():
+    import ipywidgets as widgets
+
+    calls = []
+
+    def draw(name="b", k=2):
+        calls.append((name, k))
+        fig, ax = plt.subplots()
+        ax.plot(range(k))
+        ax.set_title(f"{name}, k = {k}")
+        return fig, k * 10
+
+    shown = interactive_figure(draw, name=["a", "b"], k=widgets.IntSlider(value=2, min=1, max=5))
+    assert isinstance(shown, InteractiveFigure) and calls == [("b", 2)] and shown.result == 20  # draw's defaults
+    bundle = shown._repr_mimebundle_()
+    assert bundle["application/vnd.jupyter.widget-view+json"]["model_id"] == shown.widget.model_id
+    import base64
+
+    assert png_title(base64.b64decode(bundle["image/png"])) == "b, k = 2"
+    assert "b, k = 2" in bundle["text/plain"]
+    shown.children[1].value = 4
+    assert calls[-1] == ("b", 4) and shown.result == 40
+    assert png_title(base64.b64decode(shown._repr_mimebundle_()["image/png"])) == "b, k = 2"
+    assert plt.get_fignums() == []
+    with pytest.raises(TypeError, match="must return a matplotlib Figure"):
+        interactive_figure(lambda k=1: k, k=(1, 3))
 
 
 def test_plot_images_grid_and_errors():
