@@ -127,11 +127,13 @@ def plot_trajectories_2d(ax, traj: Trajectory, *, n: int = 20, lim: float | None
 
 
 def plot_schedules(ax_alpha, ax_sigma, paths: dict[str, GaussianPath], n: int = 200) -> None:
-    """alpha(t) and sigma(t) of each path against t."""
+    """alpha(t) and sigma(t) of each path against t. Each path has its own line style as well as
+    colour, so curves that coincide (VP's and sub-VP's alpha) stay visible."""
     t = torch.linspace(0, 1, n, dtype=torch.float64)
-    for name, path in paths.items():
-        ax_alpha.plot(t, path.alpha(t), label=name)
-        ax_sigma.plot(t, path.sigma(t), label=name)
+    styles = ["-", "--", ":", "-."]
+    for i, (name, path) in enumerate(paths.items()):
+        ax_alpha.plot(t, path.alpha(t), styles[i % len(styles)], label=name)
+        ax_sigma.plot(t, path.sigma(t), styles[i % len(styles)], label=name)
     ax_alpha.set(xlabel="t", ylabel="alpha(t)", title="signal scale alpha(t)")
     ax_sigma.set(xlabel="t", ylabel="sigma(t)", title="std of x_t given x_0", yscale="log")
     ax_alpha.legend()

@@ -1,6 +1,8 @@
 """Named training recipes: ``course train NAME`` runs one; this module is their catalogue.
 
 Importing it registers every chapter's recipe kinds and recipes:
+- ``course.score_recipes`` (chapters 02-04): ``mnist_score_vp``, the unconditional score model of
+  digits;
 - ``course.image_recipes`` (chapter 06): ``mnist_classifier``, ``mnist_noisy_classifier``,
   ``mnist_cfm_unet``, and the sampling and metrics every generator's recipe shares;
 - ``course.distillation_recipes`` (chapter 07): the progressive-distillation ladder and the one-
@@ -27,6 +29,7 @@ from . import (  # noqa: F401  (they register their kinds and recipes)
     gan_recipes,
     latent_recipes,
     scaling_recipes,
+    score_recipes,
     text_recipes,
     unclip_recipes,
 )
