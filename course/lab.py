@@ -17,12 +17,13 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
+from .environment import REPO_ROOT
+
 __all__ = ["LAB_SETTINGS", "course_notebooks", "install_lab_settings", "prepare_lab", "trust_notebooks"]
 
 LAB_SETTINGS = {
     "@jupyterlab/apputils-extension:notification": {"fetchNews": "false", "checkForUpdates": False},
 }
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def install_lab_settings(prefix: str | Path | None = None) -> Path:
@@ -49,12 +50,8 @@ def trust_notebooks(paths: Iterable[str | Path], *, data_dir: str | Path | None 
     import nbformat
     from nbformat.sign import NotebookNotary
 
-    if data_dir is not None:
-        Path(data_dir).mkdir(parents=True, exist_ok=True)  # the notary keeps its secret and database there
-        notary = NotebookNotary(data_dir=str(data_dir))
-    else:
-        notary = NotebookNotary()
-        Path(notary.data_dir).mkdir(parents=True, exist_ok=True)
+    notary = NotebookNotary(data_dir=str(data_dir)) if data_dir is not None else NotebookNotary()
+    Path(notary.data_dir).mkdir(parents=True, exist_ok=True)  # the notary keeps its secret and database there
     signed = []
     for path in map(Path, paths):
         if not path.is_file():

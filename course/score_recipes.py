@@ -13,6 +13,7 @@ with DDIM and DPM-Solver at a few NFE. Everything here is a plain function of th
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 
@@ -89,7 +90,7 @@ def digit_bits_per_dim(model: nn.Module, images: Tensor, *, generator: torch.Gen
     :data:`T_MIN` to 1 (RK45 at ``rtol``/``atol``, float64), and convert the log-density of
     x_{T_MIN} to bits (:func:`course.ode.bits_per_dim`). Returns ``(bpd per image, NFE)``, the
     NFE summed over batches of ``batch``."""
-    model = model.double().eval()
+    model = copy.deepcopy(model).double().eval()  # float64 for the ODE, without changing the caller's model
     x = dequantize(images, generator)
     score = digit_score_fn(model)
     bpd, nfe = [], 0
@@ -98,7 +99,6 @@ def digit_bits_per_dim(model: nn.Module, images: Tensor, *, generator: torch.Gen
                              rtol=rtol, atol=atol, generator=generator)
         bpd.append(bits_per_dim(res.log_prob, part[0].numel()))
         nfe += res.nfe
-    model.float()
     return torch.cat(bpd), nfe
 
 
