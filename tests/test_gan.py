@@ -44,6 +44,7 @@ from course.perceptual import (
     distort,
     layer_distances,
     make_triplets,
+    multiscale,
     pixel_l2,
     ssim_distance,
     two_afc_agreement,
@@ -232,6 +233,39 @@ def test_calibration_finds_the_channel_that_carries_the_judgements():
     assert losses[-1] < losses[0] and after > 0.97 and after > before + 0.2
     w = dist.weights[0].detach()
     assert bool((w >= 0).all()) and int(w.argmax()) == 2
+
+
+def test_multiscale_reads_the_block_averages_and_sees_past_the_receptive_field():
+    # a 3 x 3 box filter (receptive field 3 px): after unit normalisation a one-channel map is 1
+    # where the filter sees ink and 0 elsewhere, so d counts the positions seen by one image only
+    box = torch.nn.Conv2d(1, 1, 3, padding=1, bias=False).double()
+    torch.nn.init.ones_(box.weight)
+
+    def features(x):
+        return [box(x)]
+
+    point = torch.zeros(3, 1, 28, 28, dtype=torch.float64)
+    point[:, 0, 10, 10] = 1.0
+    moved = torch.zeros_like(point)
+    moved[0, 0, 14, 10] = moved[1, 0, 16, 10] = moved[2, 0, 10, 10] = 1.0  # 4 px, 6 px, not at all
+    two = multiscale(features, (1, 2))
+    with torch.no_grad():
+        maps = two(point)
+        assert [m.shape for m in maps] == [(3, 1, 28, 28), (3, 1, 14, 14)]
+        assert torch.equal(maps[1], box(torch.nn.functional.avg_pool2d(point, 2)))
+        single = PerceptualDistance(features, [1])(point, moved)
+        double = PerceptualDistance(two, [1, 1])(point, moved)
+    # one scale: 4 and 6 px both leave the 3 x 3 field, 18 of 784 positions each
+    assert torch.allclose(single, torch.tensor([18 / 784, 18 / 784, 0.0], dtype=torch.float64), atol=1e-12)
+    # on 14 x 14 the point moves 2 and 3 blocks: the fields overlap on 3 positions, then not at all
+    expect = torch.tensor([18 / 784 + 12 / 196, 18 / 784 + 18 / 196, 0.0], dtype=torch.float64)
+    assert torch.allclose(double, expect, atol=1e-12)
+    with pytest.raises(ValueError, match="divisible by the factor 3"):
+        multiscale(features, (1, 3))(point)
+    with pytest.raises(ValueError, match="distinct positive factors"):
+        multiscale(features, (2, 2))
+    with pytest.raises(ValueError, match="factors"):
+        multiscale(features, (0,))
 
 
 def test_pixel_l2_and_ssim_closed_forms():
