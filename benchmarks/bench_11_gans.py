@@ -5,6 +5,7 @@ Usage (COURSE_OFFLINE=1 for the offline MNIST digits):
     python benchmarks/bench_11_gans.py --diffusion-gan   # mnist_gan and mnist_diffusion_gan, seeds 1-2 trained (~25 min)
     python benchmarks/bench_11_gans.py --perceptual      # 2AFC agreement of 14 distances (~6 min)
     python benchmarks/bench_11_gans.py --one-step        # every shipped one-step model, one evaluation (~3 min)
+    python benchmarks/bench_11_gans.py --d2g-seeds       # mnist_d2g against its no-GAN ablation, seeds 1-2 trained (~16 min)
 
 --diffusion-gan: both recipes with seeds 0, 1, 2 for the same steps, seed 0 the shipped
 checkpoint's run (its manifest entry) and seeds 1 and 2 trained from scratch here (the
@@ -28,6 +29,11 @@ and its no-GAN ablation, and the two unconditional GANs, all on one evaluation: 
 class (the GANs: 1 000 unconditional samples), MNIST-FD on 50 per class against the same 500
 held-out digits, class accuracy, diversity, images per second, training CPU-minutes (manifest; for
 Diffusion2GAN with the time the pairs took).
+
+--d2g-seeds: mnist_d2g and its ablation mnist_d2g_no_gan with training seeds 0, 1, 2 (seed 0: the
+shipped checkpoints; a seed fixes the initialisation, the batches and the teacher's pairs, so the
+two recipes of one seed regress onto the same pairs), each sampled at 1 NFE with the three
+sampling seeds of --one-step on the same evaluation; the paired differences per training seed.
 """
 
 from __future__ import annotations
@@ -192,9 +198,44 @@ def one_step_table() -> None:
               f"{first[2]:.2f} | {first[3]:.2f} | {first[4]:.0f} | {minutes:.1f} |", flush=True)
 
 
+def d2g_seeds_table() -> None:
+    held_out, classifier = _held_out(), load("mnist_classifier")
+    labels = eval_labels(False)
+    print(f"MNIST-FD at 1 NFE, mean +- sd over sampling seeds {SAMPLING_SEEDS}, per training seed")
+    print("| training seed | mnist_d2g (GAN weight "
+          f"{get_recipe('mnist_d2g').option('gan_weight')}) | mnist_d2g_no_gan | difference |")
+    print("|---|---|---|---|")
+    diffs = []
+    for seed in SEEDS:
+        fds = {}
+        for name in ("mnist_d2g", "mnist_d2g_no_gan"):
+            recipe = get_recipe(name)
+            if seed == recipe.seed:
+                model = load(name)
+            else:
+                variant = f"{name}_seed{seed}"
+                RECIPES.setdefault(variant, replace(recipe, name=variant, seed=seed))
+                model = run_recipe(variant, save=False, progress=False).model
+            fds[name] = []
+            with torch.no_grad():
+                for s in SAMPLING_SEEDS:
+                    start = time.perf_counter()
+                    samples = sample_one_step(model, labels, steps=1, generator=torch.Generator().manual_seed(s))
+                    m = sample_metrics(classifier, samples, labels, held_out, time.perf_counter() - start, 1,
+                                       generator=torch.Generator().manual_seed(1))
+                    fds[name].append(m["mnist_fd"])
+        a, b = fds["mnist_d2g"], fds["mnist_d2g_no_gan"]
+        diffs.append(statistics.mean(a) - statistics.mean(b))
+        print(f"| {seed}{' (shipped)' if seed == 0 else ''} | {statistics.mean(a):.2f} +- {statistics.stdev(a):.2f} | "
+              f"{statistics.mean(b):.2f} +- {statistics.stdev(b):.2f} | {diffs[-1]:+.2f} (per sampling seed "
+              + " / ".join(f"{x - y:+.2f}" for x, y in zip(a, b, strict=True)) + ") |", flush=True)
+    print(f"GAN term minus ablation: mean {statistics.mean(diffs):+.2f}, sd {statistics.stdev(diffs):.2f} over "
+          f"training seeds {SEEDS}; lower on {sum(d < 0 for d in diffs)} of {len(diffs)}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    modes = ("diffusion-gan", "perceptual", "one-step")
+    modes = ("diffusion-gan", "perceptual", "one-step", "d2g-seeds")
     for mode in modes:
         parser.add_argument(f"--{mode}", action="store_true")
     args = parser.parse_args()
@@ -203,7 +244,8 @@ def main() -> None:
         parser.error("choose at least one of " + ", ".join(f"--{m}" for m in modes))
     torch.manual_seed(0)
     print(f"{torch.get_num_threads()} threads")
-    tables = {"diffusion-gan": diffusion_gan_table, "perceptual": perceptual_table, "one-step": one_step_table}
+    tables = {"diffusion-gan": diffusion_gan_table, "perceptual": perceptual_table, "one-step": one_step_table,
+              "d2g-seeds": d2g_seeds_table}
     for mode in chosen:
         tables[mode]()
 

@@ -335,7 +335,7 @@ register_recipe(Recipe("mnist_ladd", "add_student", steps=1200, **_STUDENT,
                        description="latent adversarial diffusion distillation: the discriminator on the teacher's "
                                    "encoder features of noised digits"))
 register_recipe(Recipe("mnist_d2g", "d2g_student", steps=1200, **_STUDENT,
-                       options=(("adam_betas", (0.5, 0.999)), ("pairs", 2000), ("gan_weight", 0.1), ("r1", 0.1)),
+                       options=(("adam_betas", (0.5, 0.999)), ("pairs", 2000), ("gan_weight", 1.0), ("r1", 0.1)),
                        description="Diffusion2GAN: one-step student regressed onto 2 000 teacher ODE pairs with the "
                                    "calibrated perceptual distance plus a conditional GAN loss"))
 register_recipe(Recipe("mnist_d2g_no_gan", "d2g_student", steps=1200, **_STUDENT,
