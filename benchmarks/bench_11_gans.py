@@ -31,8 +31,9 @@ held-out digits, class accuracy, diversity, images per second, training CPU-minu
 Diffusion2GAN with the time the pairs took).
 
 --d2g-seeds: mnist_d2g and its ablation mnist_d2g_no_gan with training seeds 0, 1, 2 (seed 0: the
-shipped checkpoints; a seed fixes the initialisation, the batches and the teacher's pairs, so the
-two recipes of one seed regress onto the same pairs), each sampled at 1 NFE with the three
+shipped checkpoints; the students start from the teacher's weights, and a seed fixes the
+discriminator's initialisation, the batches, the teacher's pairs and the perceptual calibration, so
+the two recipes of one seed regress onto the same pairs), each sampled at 1 NFE with the three
 sampling seeds of --one-step on the same evaluation; the paired differences per training seed.
 """
 
