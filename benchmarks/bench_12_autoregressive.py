@@ -97,7 +97,7 @@ def bench_head(steps: int = 4000) -> None:
     print("|-------|------------|-------------|-------------------|")
     for c in range(data.num_classes):
         ref = make_reference(data.condition(c), n, generator=torch.Generator().manual_seed(10 + c))
-        for k in (20, 50, 100):
+        for k in (20, 50, 100, 200, 400):
             with torch.no_grad():
                 z = m.embed(torch.full((4 * n,), c))
                 samples = sample_head(m.head, z, torch.linspace(1, 0, k + 1), path=PATH,
