@@ -386,7 +386,7 @@ def calibrate(distance: PerceptualDistance, triplets: Triplets, *, steps: int = 
     the judge on d(ref, x0) - d(ref, x1) (linear in the weights), Adam, weights clipped at 0 after
     every step as in LPIPS. The per-channel distances are computed once, so a step costs one small
     matrix product; the loss is convex, and the default 3 000 steps come close to its minimum on
-    the course's triplets (300 stop about a point of held-out agreement short). Returns the losses."""
+    the course's triplets (300 stopped 1 to 2 points of held-out agreement short). Returns the losses."""
     check_positive_int(steps, "steps")
     with torch.no_grad():
         diffs = []
